@@ -1,0 +1,33 @@
+"""bnfix: recompute BatchNorm running statistics exactly and safely, and show that it helped.
+
+The public surface::
+
+    report = bnfix.recalibrate(model, loader)               # exact pooled BN statistics
+    result = bnfix.evaluate(model, loader, bn="train")      # exact top-k / loss counts
+    comparison = bnfix.compare(model, calib_loader, val_loader)
+    bnfix.bn_layers(model)                                  # what recalibrate touches
+"""
+
+from __future__ import annotations
+
+from bnfix.core import recalibrate
+from bnfix.errors import BnfixError, BnfixWarning
+from bnfix.evaluate import compare, evaluate
+from bnfix.layers import bn_layers
+from bnfix.report import Comparison, Evaluation, LayerReport, Report
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BnfixError",
+    "BnfixWarning",
+    "Comparison",
+    "Evaluation",
+    "LayerReport",
+    "Report",
+    "__version__",
+    "bn_layers",
+    "compare",
+    "evaluate",
+    "recalibrate",
+]

@@ -1,0 +1,290 @@
+"""``evaluate()`` and ``compare()``: exact counts, eval mode against train-mode BN.
+
+Accuracy is counted (correct, total, summed loss), never averaged over batches, so an uneven last
+batch weighs what it holds (as torchmetrics does). Train-mode BN means batch statistics in the BN
+layers only: dropout stays off and the running statistics are restored, so measuring it changes
+nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from bnfix.batches import (
+    ForwardFn,
+    TargetFn,
+    default_forward,
+    default_target,
+    model_device,
+    output_tensor,
+    require_reiterable,
+    to_device,
+)
+from bnfix.core import recalibrate, validate_options
+from bnfix.errors import BnfixError
+from bnfix.layers import SkipBatch, bn_mode, elements_per_channel, named_modules
+from bnfix.report import Comparison, Evaluation
+
+__all__ = ["compare", "evaluate"]
+
+Device = Union[None, str, torch.device]
+
+
+@dataclass
+class _Counts:
+    """Running exact counts for one BN mode."""
+
+    topk: tuple[int, ...]
+    samples: int = 0
+    labelled: int = 0
+    correct: dict[int, int] = field(default_factory=dict)
+    loss_sum: Optional[float] = None
+
+    def add(self, out: Tensor, target: Optional[Tensor]) -> None:
+        self.samples += out.shape[0] if out.dim() else 1
+        if target is None or not _is_scores(out):
+            return
+        target = target.reshape(-1).to(out.device)
+        if target.is_floating_point() or target.numel() != out.shape[0]:
+            return
+        classes = out.shape[1]
+        if target.numel() and (int(target.min()) < 0 or int(target.max()) >= classes):
+            raise BnfixError(
+                f"Expected labels in [0, {classes}) for a model with {classes} outputs, but got "
+                f"labels from {int(target.min())} to {int(target.max())}; check the number of classes"
+            )
+        self.labelled += target.numel()
+        ranked = out.topk(min(max(self.topk), classes), dim=1).indices
+        hits = ranked == target[:, None]
+        for k in self.topk:
+            self.correct[k] = self.correct.get(k, 0) + int(
+                hits[:, : min(k, classes)].any(dim=1).sum()
+            )
+        loss = float(F.cross_entropy(out.float(), target, reduction="sum"))
+        self.loss_sum = (self.loss_sum or 0.0) + loss
+
+    def result(self, bn: str) -> Evaluation:
+        return Evaluation(self.samples, self.labelled, dict(self.correct), self.loss_sum, bn)
+
+
+@dataclass
+class _Gap:
+    """Eval-vs-train-mode agreement and output gap, over samples where both ran."""
+
+    agree: int = 0
+    compared: int = 0
+    diff_sq: float = 0.0
+    ref_sq: float = 0.0
+    scores: bool = True
+
+    def add(self, eval_out: Tensor, train_out: Tensor) -> None:
+        self.diff_sq += float((eval_out.double() - train_out.double()).square().sum())
+        self.ref_sq += float(train_out.double().square().sum())
+        if _is_scores(eval_out):
+            self.agree += int((eval_out.argmax(1) == train_out.argmax(1)).sum())
+            self.compared += eval_out.shape[0]
+        else:
+            self.scores = False
+
+    @property
+    def agreement(self) -> Optional[float]:
+        return self.agree / self.compared if self.scores and self.compared else None
+
+    @property
+    def output_gap(self) -> Optional[float]:
+        return (self.diff_sq / self.ref_sq) ** 0.5 if self.ref_sq > 0 else None
+
+
+def _is_scores(out: Tensor) -> bool:
+    return out.dim() == 2 and out.shape[1] >= 2 and out.is_floating_point()
+
+
+def _check_topk(topk: Sequence[int]) -> tuple[int, ...]:
+    ks = tuple(topk) if isinstance(topk, Sequence) else ()
+    if not ks or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in ks):
+        raise ValueError(
+            f"Expected `topk` to be a non-empty sequence of positive ints, but got {topk!r}"
+        )
+    return ks
+
+
+@contextlib.contextmanager
+def _train_bn(model: nn.Module) -> Any:
+    """Every BN on batch statistics (dropout off); running statistics restored afterwards."""
+    bns = [m for _, m in named_modules(model) if isinstance(m, _BatchNorm)]
+
+    def guard(module: nn.Module, args: tuple[Any, ...]) -> None:
+        if args and isinstance(args[0], Tensor) and elements_per_channel(args[0]) <= 1:
+            raise SkipBatch(type(module).__name__)
+
+    handles = [m.register_forward_pre_hook(guard) for m in bns]
+    try:
+        with bn_mode(model, bns):
+            yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _passes(
+    model: nn.Module,
+    loader: Iterable[Any],
+    modes: Sequence[str],
+    *,
+    forward_fn: Optional[ForwardFn],
+    target_fn: Optional[TargetFn],
+    device: Device,
+    topk: tuple[int, ...],
+    progress: bool,
+    desc: str,
+) -> tuple[dict[str, Evaluation], _Gap]:
+    """One pass over ``loader``, running each batch once per BN mode ("eval", "train")."""
+    from tqdm.auto import tqdm
+
+    forward = forward_fn or default_forward
+    pick_target = target_fn or default_target
+    where = torch.device(device) if device is not None else model_device(model)
+    counts = {mode: _Counts(topk) for mode in modes}
+    gap = _Gap()
+    batches = 0
+    total = len(loader) if hasattr(loader, "__len__") else None  # type: ignore[arg-type]
+    with torch.no_grad(), tqdm(total=total, disable=not progress, desc=desc, unit="batch") as bar:
+        for batch in loader:
+            target = pick_target(batch)
+            moved = to_device(batch, where)
+            outs: dict[str, Tensor] = {}
+            for mode in modes:
+                context = _train_bn(model) if mode == "train" else bn_mode(model, [])
+                try:
+                    with context:
+                        outs[mode] = output_tensor(forward(model, moved)).detach()
+                except SkipBatch:
+                    continue
+                counts[mode].add(outs[mode], target if isinstance(target, Tensor) else None)
+            if "eval" in outs and "train" in outs:
+                gap.add(outs["eval"], outs["train"])
+            batches += 1
+            bar.update(1)
+    if batches == 0:
+        raise BnfixError("The evaluation loader yielded no batches; pass a loader with data")
+    return {mode: c.result(mode) for mode, c in counts.items()}, gap
+
+
+def evaluate(
+    model: nn.Module,
+    loader: Iterable[Any],
+    *,
+    bn: str = "eval",
+    forward_fn: Optional[ForwardFn] = None,
+    target_fn: Optional[TargetFn] = None,
+    device: Device = None,
+    topk: Sequence[int] = (1, 5),
+    progress: bool = False,
+) -> Evaluation:
+    """Count top-k hits and summed cross-entropy of ``model`` over ``loader``.
+
+    Args:
+        model: the model; its flags and buffers are restored afterwards.
+        loader: batches; labels come from ``target_fn`` (default: a tuple's second element or a
+            dict's ``label``/``labels``/``y``/``target``).
+        bn: "eval" (running statistics, everything in eval mode) or "train" (BN layers on batch
+            statistics, the accuracy users see in train mode; dropout off, running statistics
+            untouched). Batches on which train-mode BN would see one element per channel are
+            skipped in "train".
+        forward_fn: ``forward_fn(model, batch)``; default: see :func:`bnfix.batches.default_forward`.
+        target_fn: ``target_fn(batch)`` returning the labels (or None).
+        device: where batches go; default: the model's device.
+        topk: the k of top-k accuracy, clamped to the number of classes.
+        progress: tqdm bar on stderr.
+
+    Returns:
+        A :class:`bnfix.Evaluation` (``.top1``, ``.top5``, ``.loss``, ``.samples``).
+    """
+    if bn not in ("eval", "train"):
+        raise ValueError(f"Expected `bn` to be 'eval' or 'train', but got {bn!r}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"Expected `model` to be a torch.nn.Module, but got {type(model).__name__}")
+    results, _ = _passes(
+        model,
+        loader,
+        [bn],
+        forward_fn=forward_fn,
+        target_fn=target_fn,
+        device=device,
+        topk=_check_topk(topk),
+        progress=progress,
+        desc=f"bnfix evaluate ({bn})",
+    )
+    return results[bn]
+
+
+def compare(
+    model: nn.Module,
+    calib_loader: Iterable[Any],
+    val_loader: Iterable[Any],
+    *,
+    target_fn: Optional[TargetFn] = None,
+    topk: Sequence[int] = (1, 5),
+    **recalibrate_kwargs: Any,
+) -> Comparison:
+    """Evaluate, recalibrate, evaluate again: the numbers that show whether recalibration helped.
+
+    Each validation batch runs in eval mode and with train-mode BN, so the eval/train agreement
+    is measured on identical batches even when the loader reshuffles between passes. The model
+    stays recalibrated; ``comparison.report.undo()`` reverts it.
+
+    Args:
+        model: the model.
+        calib_loader: calibration batches (passed to :func:`bnfix.recalibrate`).
+        val_loader: validation batches, iterated twice (so it must be re-iterable).
+        target_fn: picks labels from a validation batch.
+        topk: the k of top-k accuracy.
+        **recalibrate_kwargs: options of :func:`bnfix.recalibrate`; ``forward_fn``, ``device``
+            and ``progress`` are used for the evaluation passes too.
+
+    Returns:
+        A :class:`bnfix.Comparison`.
+    """
+    inspect.signature(recalibrate).bind(model, calib_loader, **recalibrate_kwargs)
+    options = {
+        k: v
+        for k, v in recalibrate_kwargs.items()
+        if k in ("num_batches", "momentum", "tol", "process_group", "forward_fn")
+    }
+    validate_options(model, **options)
+    require_reiterable(calib_loader, "calib_loader")
+    require_reiterable(val_loader, "val_loader")
+    ks = _check_topk(topk)
+    common = {
+        "forward_fn": recalibrate_kwargs.get("forward_fn"),
+        "target_fn": target_fn,
+        "device": recalibrate_kwargs.get("device"),
+        "topk": ks,
+        "progress": bool(recalibrate_kwargs.get("progress", False)),
+    }
+    before, gap_before = _passes(
+        model, val_loader, ["eval", "train"], desc="bnfix evaluate (before)", **common
+    )
+    report = recalibrate(model, calib_loader, **recalibrate_kwargs)
+    after, gap_after = _passes(
+        model, val_loader, ["eval", "train"], desc="bnfix evaluate (after)", **common
+    )
+    return Comparison(
+        before=before["eval"],
+        train_bn=before["train"],
+        after=after["eval"],
+        agreement_before=gap_before.agreement,
+        agreement_after=gap_after.agreement,
+        output_gap_before=gap_before.output_gap,
+        output_gap_after=gap_after.output_gap,
+        report=report,
+    )

@@ -1,0 +1,244 @@
+"""Finding BatchNorm layers, selecting them, and switching modes with a guaranteed restore.
+
+Names are the ones the user wrote: DistributedDataParallel / DataParallel (``module.``) and
+``torch.compile`` (``_orig_mod.``) wrappers are looked through, so ``layers="layer1.*"`` means the
+same with or without a wrapper.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import types
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Callable, Union
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from bnfix.errors import BnfixError
+
+__all__ = [
+    "LayerSelector",
+    "Selection",
+    "SkipBatch",
+    "bn_layers",
+    "bn_mode",
+    "check_lazy",
+    "dropout_layers",
+    "elements_per_channel",
+    "named_modules",
+    "select_layers",
+    "unwrap",
+]
+
+LayerSelector = Union[None, str, Sequence[str], Callable[[str, nn.Module], bool]]
+
+# Stochastic-regularization modules outside torch.nn, recognised by class name so that bnfix does
+# not need timm or torchvision.ops imported to find them.
+_DROPOUT_CLASS_NAMES = frozenset(
+    {"DropPath", "DropBlock", "DropBlock2d", "DropBlock3d", "StochasticDepth", "DropConnect"}
+)
+
+
+class SkipBatch(Exception):
+    """Raised from a pre-hook: a layer would see one element per channel (train-mode BN refuses)."""
+
+
+def elements_per_channel(x: Tensor) -> int:
+    """How many values each channel of a BN input holds (N x spatial)."""
+    return x.numel() // max(x.shape[1], 1) if x.dim() >= 2 else x.numel()
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The user's own model inside DDP / DataParallel / torch.compile wrappers."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod  # type: ignore[assignment]
+        else:
+            return model
+
+
+def named_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``named_modules()`` of the unwrapped model: each module once, with the user's names."""
+    return list(unwrap(model).named_modules())
+
+
+def bn_layers(model: nn.Module) -> list[tuple[str, _BatchNorm]]:
+    """The layers :func:`bnfix.recalibrate` touches by default.
+
+    Every ``_BatchNorm`` (BatchNorm1d/2d/3d, SyncBatchNorm, materialized lazy BN, subclasses) that
+    tracks running statistics, with its qualified name. ``FrozenBatchNorm2d`` is not a
+    ``_BatchNorm`` and layers with ``track_running_stats=False`` have nothing to recalibrate.
+
+    Args:
+        model: any module, possibly wrapped in DDP, DataParallel or torch.compile.
+
+    Returns:
+        A list of ``(qualified_name, module)`` in registration order.
+    """
+    return [
+        (name, module)
+        for name, module in named_modules(model)
+        if isinstance(module, _BatchNorm)
+        and module.track_running_stats
+        and module.running_mean is not None
+    ]
+
+
+def skipped_norm_layers(model: nn.Module) -> list[tuple[str, str]]:
+    """Normalization layers that are not recalibrated, with the reason (for the report)."""
+    skipped = []
+    for name, module in named_modules(model):
+        if isinstance(module, _BatchNorm) and not module.track_running_stats:
+            skipped.append(
+                (name, "track_running_stats=False: always normalizes with batch statistics")
+            )
+        elif type(module).__name__ == "FrozenBatchNorm2d":
+            skipped.append((name, "FrozenBatchNorm2d: its statistics are frozen constants"))
+    return skipped
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The layers chosen for recalibration and what the user should hear about them."""
+
+    layers: tuple[tuple[str, _BatchNorm], ...]
+    eval_mode_names: tuple[str, ...]  # selected layers that were in eval mode in a train-mode model
+
+
+def select_layers(model: nn.Module, layers: LayerSelector) -> Selection:
+    """Resolve the ``layers=`` argument of :func:`bnfix.recalibrate` against ``model``.
+
+    Raises:
+        TypeError: ``layers`` is not None, a string, a sequence of strings or a callable.
+        ValueError: a glob pattern matches no BatchNorm layer (most likely a typo).
+    """
+    candidates = bn_layers(model)
+    if layers is None:
+        chosen = candidates
+    elif callable(layers):
+        chosen = [(n, m) for n, m in candidates if layers(n, m)]
+    elif isinstance(layers, str) or (
+        isinstance(layers, Sequence) and all(isinstance(p, str) for p in layers)
+    ):
+        patterns = [layers] if isinstance(layers, str) else list(layers)
+        if not patterns:
+            raise ValueError("Expected `layers` to hold at least one glob pattern, but got none")
+        names = [n for n, _ in candidates]
+        for pattern in patterns:
+            if not fnmatch.filter(names, pattern):
+                shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
+                raise ValueError(
+                    f"Expected the pattern {pattern!r} in `layers` to match a BatchNorm layer, but "
+                    f"it matches none; the layers are: {shown or '(none)'}"
+                )
+        chosen = [(n, m) for n, m in candidates if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+    else:
+        raise TypeError(
+            "Expected `layers` to be None, a glob pattern, a list of patterns or a callable "
+            f"(name, module) -> bool, but got {type(layers).__name__}"
+        )
+    modes = {m.training for _, m in chosen}
+    eval_names = tuple(n for n, m in chosen if not m.training) if len(modes) > 1 else ()
+    return Selection(tuple(chosen), eval_names)
+
+
+def check_lazy(model: nn.Module) -> None:
+    """Refuse models with uninitialized lazy modules, whose shapes are not known yet."""
+    for name, module in named_modules(model):
+        if (
+            isinstance(module, nn.modules.lazy.LazyModuleMixin)
+            and module.has_uninitialized_params()
+        ):
+            raise BnfixError(
+                f"Module {name or '(root)'} ({type(module).__name__}) is an uninitialized lazy "
+                "module; run one forward or load a state_dict first"
+            )
+
+
+def is_dropout(module: nn.Module) -> bool:
+    """Dropout-family module: torch's Dropout*/AlphaDropout, or timm/torchvision DropPath & co."""
+    if isinstance(module, (nn.modules.dropout._DropoutNd,)):
+        return True
+    return any(cls.__name__ in _DROPOUT_CLASS_NAMES for cls in type(module).__mro__)
+
+
+def dropout_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Every Dropout-family module of ``model``, with its name."""
+    return [(n, m) for n, m in named_modules(model) if is_dropout(m)]
+
+
+def _local_bn_forward(module: _BatchNorm) -> Callable[[Tensor], Tensor]:
+    """A plain BN forward for a SyncBatchNorm: no cross-rank sync (CUDA-only, hangs on uneven data)."""
+    return types.MethodType(_BatchNorm.forward, module)  # type: ignore[return-value]
+
+
+@contextlib.contextmanager
+def bn_mode(
+    model: nn.Module,
+    train_bn: Sequence[_BatchNorm],
+    *,
+    dropout: bool = False,
+    momentum: float | None = None,
+    restore_buffers: bool = True,
+) -> Iterator[None]:
+    """Run ``model`` with only ``train_bn`` (and optionally dropout) in train mode; restore on exit.
+
+    Every module goes to eval mode except the given BN modules (and, with ``dropout=True``, the
+    Dropout family). Only the ``training`` flag of the BN modules themselves is set, never their
+    children: timm's ``BatchNormAct2d`` can hold a DropBlock that must stay off. SyncBatchNorm runs
+    as a local BN. On exit, however it happens (an exception, KeyboardInterrupt), every flag, every
+    BN momentum and forward override is put back, and with ``restore_buffers`` every buffer of the
+    given BN modules is copied back bit for bit (``copy_``, never rebinding, so DDP and
+    ``state_dict`` views stay valid).
+
+    Args:
+        model: the model (possibly wrapped).
+        train_bn: BN modules to run in train mode (batch statistics).
+        dropout: also run Dropout-family modules in train mode.
+        momentum: if not None, the momentum the train-mode BN modules run with meanwhile.
+        restore_buffers: restore the buffers of ``train_bn`` on exit (set False when the caller
+            writes final values itself and restores only on failure).
+    """
+    flags = [(m, m.training) for m in model.modules()]
+    momenta = [(m, m.momentum) for m in train_bn]
+    overrides = [
+        (m, m.__dict__.get("forward")) for m in train_bn if isinstance(m, nn.SyncBatchNorm)
+    ]
+    saved = (
+        [(b, b.clone()) for m in train_bn for b in m.buffers(recurse=False)]
+        if restore_buffers
+        else []
+    )
+    try:
+        for module, _ in flags:
+            module.training = False
+        for module in train_bn:
+            module.training = True
+            if momentum is not None:
+                module.momentum = momentum
+        if dropout:
+            for module, _ in flags:
+                if is_dropout(module):
+                    module.training = True
+        for module, _ in overrides:
+            module.forward = _local_bn_forward(module)  # type: ignore[method-assign]
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, value in saved:
+                buffer.copy_(value)
+        for module, previous in overrides:
+            if previous is None:
+                module.__dict__.pop("forward", None)
+            else:
+                module.forward = previous  # type: ignore[method-assign]
+        for module, value in momenta:
+            module.momentum = value
+        for module, training in flags:
+            module.training = training

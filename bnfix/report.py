@@ -1,0 +1,320 @@
+"""Results as small immutable dataclasses: ``str()`` renders a table, ``to_dict()`` feeds JSON.
+
+Collecting (core, evaluate), formatting (here) and printing (cli) are kept apart, as in
+``torch.utils.collect_env``. ``to_dict()`` output is always valid JSON: non-finite floats (drift of
+a layer whose old statistics were corrupt, say) become ``None``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+__all__ = ["Comparison", "Evaluation", "LayerReport", "Report", "json_safe", "render_table"]
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with tuples as lists and NaN/inf as None, so ``json.dumps`` emits valid JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def render_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A plain monospace table: left-aligned first column, right-aligned others."""
+    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
+
+    def line(cells: Sequence[str]) -> str:
+        out = [cells[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(cells[1:], widths[1:])]
+        return "  ".join(out).rstrip()
+
+    rule = "  ".join("-" * w for w in widths)
+    return "\n".join([line(headers), rule, *(line(r) for r in rows)])
+
+
+def _fmt(value: Optional[float], digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    if not math.isfinite(value):
+        return str(value)
+    return f"{value:.{digits}f}"
+
+
+def _pct(value: Optional[float]) -> str:
+    return "-" if value is None else f"{100 * value:.2f}%"
+
+
+@dataclass(frozen=True)
+class LayerReport:
+    """One BatchNorm layer's recalibration.
+
+    Attributes:
+        name: qualified module name as the user wrote the model.
+        kind: class name (BatchNorm2d, SyncBatchNorm, a subclass...).
+        channels: number of channels.
+        elements: elements per channel pooled (N x spatial, over every call and rank).
+        batches: forward calls the layer saw (a layer used twice per forward counts twice).
+        path: "fast" (read the layer's own batch statistics), "fallback" (moments computed from
+            the input, for BN subclasses with their own forward) or "unused" (saw no data; kept).
+        momentum: the EMA momentum used, None for exact pooling.
+        mean_shift: mean over channels of ``|new mean - old mean| / sqrt(new var + eps)``.
+        mean_shift_max: the same, worst channel.
+        log_var_ratio: mean over channels of ``|log((new var + eps) / (old var + eps))|``.
+        log_var_ratio_max: the same, worst channel.
+    """
+
+    name: str
+    kind: str
+    channels: int
+    elements: int
+    batches: int
+    path: str
+    momentum: Optional[float]
+    mean_shift: float
+    mean_shift_max: float
+    log_var_ratio: float
+    log_var_ratio_max: float
+
+    @property
+    def drift(self) -> float:
+        """One number to rank layers by: the worse of the max mean shift and max log-var ratio."""
+        values = [self.mean_shift_max, self.log_var_ratio_max]
+        return max((v if math.isfinite(v) else math.inf) for v in values)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready fields."""
+        return json_safe(dataclasses.asdict(self))
+
+
+@dataclass(frozen=True)
+class Report:
+    """What :func:`bnfix.recalibrate` did.
+
+    Attributes:
+        layers: one :class:`LayerReport` per selected layer, in model order.
+        skipped_layers: ``(name, reason)`` of normalization layers left alone.
+        method: "exact", "ema" (one momentum for all) or "layer" (each layer's own momentum).
+        batches: batches used (over all ranks).
+        samples: samples used (over all ranks).
+        skipped_batches: batches skipped because a layer would see one element per channel.
+        warnings: things the user should know, also sent to the ``bnfix`` logger.
+        seconds: wall time of the pass.
+        ranks: number of processes whose data was merged.
+        relative_standard_error: with ``num_batches="auto"``, the final worst-channel standard
+            error of the estimates (see :class:`bnfix.stats.SpreadTracker`), else None.
+    """
+
+    layers: tuple[LayerReport, ...]
+    skipped_layers: tuple[tuple[str, str], ...] = ()
+    method: str = "exact"
+    batches: int = 0
+    samples: int = 0
+    skipped_batches: int = 0
+    warnings: tuple[str, ...] = ()
+    seconds: float = 0.0
+    ranks: int = 1
+    relative_standard_error: Optional[float] = None
+    _undo: Optional[Callable[[], None]] = field(default=None, repr=False, compare=False)
+
+    @property
+    def samples_per_second(self) -> float:
+        """Calibration throughput."""
+        return self.samples / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def unused_layers(self) -> tuple[str, ...]:
+        """Selected layers that saw no data and kept their statistics."""
+        return tuple(layer.name for layer in self.layers if layer.path == "unused")
+
+    def worst(self, k: int = 5) -> list[LayerReport]:
+        """The ``k`` layers whose statistics moved most."""
+        used = [layer for layer in self.layers if layer.path != "unused"]
+        return sorted(used, key=lambda layer: -layer.drift)[:k]
+
+    def undo(self) -> None:
+        """Put back the statistics the layers had before the call, bit for bit."""
+        if self._undo is not None:
+            self._undo()
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready fields (the captured statistics for :meth:`undo` are not included)."""
+        data = {
+            f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "_undo"
+        }
+        data["layers"] = [layer.to_dict() for layer in self.layers]
+        data["samples_per_second"] = self.samples_per_second
+        return json_safe(data)
+
+    def __str__(self) -> str:
+        head = (
+            f"bnfix: recalibrated {len(self.layers) - len(self.unused_layers)} BatchNorm layer(s) "
+            f"({self.method}) on {self.samples} samples in {self.batches} batch(es), "
+            f"{self.seconds:.2f} s ({self.samples_per_second:.0f} samples/s)"
+        )
+        if self.ranks > 1:
+            head += f", merged over {self.ranks} ranks"
+        lines = [head]
+        if self.relative_standard_error is not None:
+            lines.append(f"stopped at relative standard error {self.relative_standard_error:.4f}")
+        rows = [
+            [
+                layer.name,
+                layer.kind,
+                str(layer.channels),
+                _fmt(layer.mean_shift),
+                _fmt(layer.mean_shift_max),
+                _fmt(layer.log_var_ratio),
+                _fmt(layer.log_var_ratio_max),
+            ]
+            for layer in self.worst(len(self.layers))
+        ]
+        if rows:
+            headers = ["layer", "kind", "C", "shift", "shift max", "|log var|", "|log var| max"]
+            lines += ["", render_table(headers, rows)]
+        for name in self.unused_layers:
+            lines.append(f"unused (kept): {name}")
+        for name, reason in self.skipped_layers:
+            lines.append(f"skipped: {name}: {reason}")
+        lines += [f"warning: {w}" for w in self.warnings]
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """Exact counts from one evaluation pass (never averages of per-batch averages).
+
+    Attributes:
+        samples: samples seen.
+        labelled: samples that carried a label (top-k and loss are over these).
+        correct: ``{k: samples whose label is in the top k}`` for each requested k.
+        loss_sum: summed cross-entropy over labelled samples (None without labels or class scores).
+        bn: "eval" (running statistics) or "train" (batch statistics).
+    """
+
+    samples: int
+    labelled: int
+    correct: Mapping[int, int]
+    loss_sum: Optional[float]
+    bn: str = "eval"
+
+    def accuracy(self, k: int) -> Optional[float]:
+        """Top-k accuracy (k clamped to the largest k counted), or None without labels."""
+        if not self.correct or self.labelled == 0:
+            return None
+        k = min(k, max(self.correct))
+        return self.correct[k] / self.labelled if k in self.correct else None
+
+    @property
+    def top1(self) -> Optional[float]:
+        """Top-1 accuracy in [0, 1], or None without labels."""
+        return self.accuracy(1)
+
+    @property
+    def top5(self) -> Optional[float]:
+        """Top-5 accuracy (top-C for C < 5 classes), or None without labels."""
+        return self.accuracy(5)
+
+    @property
+    def loss(self) -> Optional[float]:
+        """Mean cross-entropy per labelled sample, or None."""
+        if self.loss_sum is None or self.labelled == 0:
+            return None
+        return self.loss_sum / self.labelled
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready fields plus the derived accuracies."""
+        return json_safe(
+            {
+                "bn": self.bn,
+                "samples": self.samples,
+                "labelled": self.labelled,
+                "correct": dict(self.correct),
+                "top1": self.top1,
+                "top5": self.top5,
+                "loss": self.loss,
+            }
+        )
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Eval-mode quality before and after recalibration, against train-mode BN.
+
+    Attributes:
+        before: eval mode with the old running statistics.
+        train_bn: BN on batch statistics (what the network saw in training), measured once.
+        after: eval mode with the recalibrated statistics.
+        agreement_before: fraction of samples where eval-mode and train-mode-BN top-1 predictions
+            agree, before (None when outputs are not class scores).
+        agreement_after: the same, after.
+        output_gap_before: ``||eval - train|| / ||train||`` over all outputs, before.
+        output_gap_after: the same, after.
+        report: the recalibration :class:`Report` (``comparison.report.undo()`` reverts).
+    """
+
+    before: Evaluation
+    train_bn: Evaluation
+    after: Evaluation
+    agreement_before: Optional[float]
+    agreement_after: Optional[float]
+    output_gap_before: Optional[float]
+    output_gap_after: Optional[float]
+    report: Report
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready fields, including the full recalibration report."""
+        return json_safe(
+            {
+                "before": self.before.to_dict(),
+                "train_bn": self.train_bn.to_dict(),
+                "after": self.after.to_dict(),
+                "agreement_before": self.agreement_before,
+                "agreement_after": self.agreement_after,
+                "output_gap_before": self.output_gap_before,
+                "output_gap_after": self.output_gap_after,
+                "report": self.report.to_dict(),
+            }
+        )
+
+    def rows(self) -> list[list[str]]:
+        """The before/after table rows (metric, eval before, train-mode BN, eval after)."""
+        b, t, a = self.before, self.train_bn, self.after
+        return [
+            ["top-1", _pct(b.top1), _pct(t.top1), _pct(a.top1)],
+            ["top-5", _pct(b.top5), _pct(t.top5), _pct(a.top5)],
+            ["loss", _fmt(b.loss, 4), _fmt(t.loss, 4), _fmt(a.loss, 4)],
+            ["eval/train agreement", _pct(self.agreement_before), "", _pct(self.agreement_after)],
+            [
+                "eval/train output gap",
+                _fmt(self.output_gap_before, 4),
+                "",
+                _fmt(self.output_gap_after, 4),
+            ],
+        ]
+
+    def __str__(self) -> str:
+        table = render_table(["metric", "eval before", "train-mode BN", "eval after"], self.rows())
+        r = self.report
+        lines = [
+            table,
+            "",
+            f"calibration: {r.samples} samples, {r.batches} batch(es), {r.seconds:.2f} s",
+        ]
+        worst = r.worst(3)
+        if worst:
+            lines.append(
+                "largest drift: "
+                + ", ".join(
+                    f"{w.name} (shift {_fmt(w.mean_shift_max)}, |log var| {_fmt(w.log_var_ratio_max)})"
+                    for w in worst
+                )
+            )
+        lines += [f"warning: {w}" for w in r.warnings]
+        return "\n".join(lines)
