@@ -423,7 +423,7 @@ def recalibrate(
         )
 
     new_stats = []
-    for layer, moments, count, (old_mean, old_var, old_count) in zip(state, pooled, calls, before):
+    for layer, moments, count, (_, _, old_count) in zip(state, pooled, calls, before):
         if count == 0:
             new_stats.append(None)
             continue
