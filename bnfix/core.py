@@ -51,7 +51,7 @@ from bnfix.layers import (
     skipped_norm_layers,
 )
 from bnfix.report import LayerReport, Report
-from bnfix.stats import Moments, SpreadTracker, ema_fold, moments_of
+from bnfix.stats import Moments, RowBuffer, SpreadTracker, ema_rows, moments_of, pool_rows
 
 __all__ = ["recalibrate", "validate_options"]
 
@@ -74,13 +74,30 @@ class _Layer:
     pooled: Moments = field(default_factory=lambda: Moments(0, torch.zeros(0), torch.zeros(0)))
     mean: Optional[Tensor] = None  # EMA state (float64)
     var: Optional[Tensor] = None
-    calls: int = 0
+    rows: Optional[RowBuffer] = None  # this chunk's per-call statistics
+    calls: int = 0  # folded calls
     n_current: int = 0
     from_input: Optional[Moments] = None
-    pending: list[Moments] = field(default_factory=list)
-    first_bad: Optional[int] = None
-    bad_flag: Optional[Tensor] = None
+    first_bad: Optional[int] = None  # index of the first batch with non-finite statistics
     spread: Optional[SpreadTracker] = None
+
+    def fold(self) -> None:
+        """Merge the committed rows into the pooled moments (or the EMA state)."""
+        assert self.rows is not None
+        ns, means, variances, tags = self.rows.take()
+        if not ns:
+            return
+        finite = torch.isfinite(means).all(dim=1) & torch.isfinite(variances).all(dim=1)
+        if self.first_bad is None and not bool(finite.all()):
+            self.first_bad = tags[int((~finite).nonzero()[0, 0])]
+        self.calls += len(ns)
+        if self.momentum is None:
+            self.pooled = self.pooled.merge(pool_rows(ns, means, variances))
+        else:
+            assert self.mean is not None and self.var is not None
+            self.mean, self.var = ema_rows(self.mean, self.var, means, variances, self.momentum)
+        if self.spread is not None:
+            self.spread.add_rows(means, variances)
 
 
 def validate_options(
@@ -149,16 +166,16 @@ def _layer_momentum(
     return float(momentum)
 
 
-def _agrees(buffered: Moments, reference: Moments, dtype: torch.dtype) -> bool:
-    """Does a layer's buffer update match the standard PyTorch one, up to the dtype's rounding?"""
-    scale = torch.finfo(dtype).eps / torch.finfo(torch.float32).eps
+def _agrees(mean: Tensor, unbiased_var: Tensor, reference: Moments) -> bool:
+    """Do a layer's buffers hold the standard PyTorch update, up to their dtype's rounding?"""
+    scale = torch.finfo(mean.dtype).eps / torch.finfo(torch.float32).eps
     var = reference.var()
     std = var.clamp_min(0).sqrt()
     mean_tol = scale * (1e-4 * std + 1e-6 * reference.mean.abs()) + 1e-8
     var_tol = scale * (1e-3 * var + (1e-5 * reference.mean.abs()).square()) + 1e-10
     return bool(
-        ((buffered.mean - reference.mean).abs() <= mean_tol).all()
-        and ((buffered.var() - var).abs() <= var_tol).all()
+        ((mean.to(torch.float64) - reference.mean).abs() <= mean_tol).all()
+        and ((unbiased_var.to(torch.float64) - var).abs() <= var_tol).all()
     )
 
 
@@ -175,54 +192,28 @@ def _make_hooks(layer: _Layer) -> tuple[Any, Any]:
             layer.from_input = moments_of(x)
 
     def post_hook(module: _BatchNorm, args: tuple[Any, ...], output: Any) -> None:
-        if layer.n_current == 0:
+        n, reference = layer.n_current, layer.from_input
+        layer.n_current, layer.from_input = 0, None
+        if n == 0:
             return
-        if layer.path == "fallback":
-            assert layer.from_input is not None
-            moments = layer.from_input
+        assert layer.rows is not None
+        if layer.path == "check":
+            assert reference is not None
+            if _agrees(module.running_mean, module.running_var, reference):  # type: ignore[arg-type]
+                layer.path = "fast"
+            else:
+                layer.path = "fallback"
+                logger.info(
+                    "%s: buffers do not hold the standard BN update; using input moments",
+                    layer.name,
+                )
+        if layer.path == "fast":
+            layer.rows.push(n, module.running_mean, module.running_var)  # type: ignore[arg-type]
         else:
-            mean, var = module.running_mean, module.running_var
-            assert mean is not None and var is not None
-            moments = Moments(
-                layer.n_current,
-                mean.detach().to(torch.float64, copy=True),
-                var.detach().to(torch.float64, copy=True) * (layer.n_current - 1),
-            )
-            if layer.path == "check":
-                assert layer.from_input is not None
-                if _agrees(moments, layer.from_input, mean.dtype):
-                    layer.path = "fast"
-                else:
-                    layer.path = "fallback"
-                    logger.info(
-                        "%s: buffers do not hold the standard BN update; using input moments",
-                        layer.name,
-                    )
-                    moments = layer.from_input
-        layer.pending.append(moments)
-        layer.from_input = None
-        layer.n_current = 0
+            assert reference is not None
+            layer.rows.push(n, reference.mean, reference.var())
 
     return pre_hook, post_hook
-
-
-def _commit(layers: list[_Layer], batch_index: int) -> None:
-    for layer in layers:
-        for moments in layer.pending:
-            layer.calls += 1
-            if layer.momentum is None:
-                layer.pooled = layer.pooled.merge(moments)
-            else:
-                assert layer.mean is not None and layer.var is not None
-                layer.mean, layer.var = ema_fold(layer.mean, layer.var, moments, layer.momentum)
-            bad = ~(torch.isfinite(moments.mean).all() & torch.isfinite(moments.m2).all())
-            index = torch.tensor(batch_index, device=bad.device)
-            if layer.bad_flag is None:
-                layer.bad_flag = torch.full((), -1, dtype=torch.long, device=bad.device)
-            layer.bad_flag = torch.where((layer.bad_flag < 0) & bad, index, layer.bad_flag)
-            if layer.spread is not None:
-                layer.spread.add(moments)
-        layer.pending.clear()
 
 
 def _drift(
@@ -322,6 +313,7 @@ def recalibrate(
             mean.device if mean.device.type != "mps" else torch.device("cpu")
         )  # no float64 on MPS
         layer.pooled = Moments.empty(mean.numel(), acc_device)
+        layer.rows = RowBuffer(mean.numel(), acc_device)
         if layer.momentum is not None:
             layer.mean, layer.var = (
                 mean.to(acc_device, torch.float64),
@@ -362,16 +354,18 @@ def recalibrate(
                     forward(model, to_device(batch, target_device))
                 except SkipBatch as skip:
                     for layer in state:
-                        layer.pending.clear()
-                        layer.n_current = 0
-                        layer.from_input = None
+                        layer.rows.rollback()  # type: ignore[union-attr]
+                        layer.n_current, layer.from_input = 0, None
                     skipped += 1
                     logger.debug(
                         "skipped batch %d: %s would see one element per channel", index, skip
                     )
                     bar.update(1)
                     continue
-                _commit(state, index)
+                for layer in state:
+                    layer.rows.commit(index)  # type: ignore[union-attr]
+                    if layer.rows.full or num_batches == "auto":  # type: ignore[union-attr]
+                        layer.fold()
                 used += 1
                 samples += batch_size(batch)
                 bar.update(1)
@@ -385,6 +379,8 @@ def recalibrate(
                     if rse <= tol:
                         break
             bar.close()
+            for layer in state:
+                layer.fold()
     except Exception:
         if process_group is not None:
             distributed.any_rank_failed(True, process_group)  # release the other ranks
@@ -438,8 +434,8 @@ def recalibrate(
             tracked = int(old_count) + count
         assert mean is not None and var is not None
         if not (torch.isfinite(mean).all() and torch.isfinite(var).all()):
-            bad = int(layer.bad_flag) if layer.bad_flag is not None else -1
-            where = f"batch {bad}" if bad >= 0 else "another rank's data"
+            bad = layer.first_bad
+            where = f"batch {bad}" if bad is not None else "another rank's data"
             raise BnfixError(
                 f"Non-finite batch statistics in layer {layer.name} ({where}); check the inputs "
                 "for NaN/inf and the layers before it. The model was left unchanged."

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["Moments", "SpreadTracker", "ema_fold", "moments_of"]
+__all__ = ["Moments", "RowBuffer", "SpreadTracker", "ema_rows", "moments_of", "pool_rows"]
 
 
 @dataclass(frozen=True)
@@ -39,13 +39,6 @@ class Moments:
         """Moments of no data: the neutral element of :meth:`merge`."""
         zeros = torch.zeros(channels, dtype=torch.float64, device=device)
         return Moments(0, zeros, zeros.clone())
-
-    @staticmethod
-    def from_mean_var(n: int, mean: Tensor, unbiased_var: Tensor) -> Moments:
-        """Moments from a batch mean and its Bessel-corrected variance (what BN buffers hold)."""
-        mean64 = mean.detach().to(torch.float64)
-        m2 = unbiased_var.detach().to(torch.float64) * (n - 1)
-        return Moments(n, mean64, m2)
 
     def merge(self, other: Moments) -> Moments:
         """Moments of the union of two disjoint sets (Chan's parallel update)."""
@@ -88,16 +81,88 @@ def moments_of(x: Tensor, channel_dim: int = 1) -> Moments:
     return Moments(n, mean, m2)
 
 
-def ema_fold(
-    old_mean: Tensor, old_var: Tensor, batch: Moments, momentum: float
-) -> tuple[Tensor, Tensor]:
-    """One PyTorch-style exponential-moving-average step: ``(1 - m) * old + m * batch``.
+def pool_rows(ns: list[int], means: Tensor, unbiased_vars: Tensor) -> Moments:
+    """Moments of the union of ``k`` disjoint groups given as rows of (n, mean, unbiased var).
 
-    The batch variance is Bessel-corrected, exactly as ``torch.nn.functional.batch_norm`` does.
+    The many-group form of Chan's update: ``mean = sum(n_i m_i) / N`` and
+    ``M2 = sum((n_i - 1) v_i) + sum(n_i (m_i - mean)^2)``, in float64. Deviations are taken from
+    the pooled mean of the group means, so nothing large is subtracted from anything large.
     """
-    new_mean = old_mean * (1.0 - momentum) + batch.mean * momentum
-    new_var = old_var * (1.0 - momentum) + batch.var() * momentum
+    if not ns:
+        raise ValueError("Expected at least one row to pool, but got none")
+    n = torch.tensor(ns, dtype=torch.float64, device=means.device)[:, None]
+    means64, vars64 = means.to(torch.float64), unbiased_vars.to(torch.float64)
+    total = int(sum(ns))
+    mean = (n * means64).sum(dim=0) / total
+    m2 = ((n - 1) * vars64).sum(dim=0) + (n * (means64 - mean).square()).sum(dim=0)
+    return Moments(total, mean, m2)
+
+
+def ema_rows(
+    old_mean: Tensor, old_var: Tensor, means: Tensor, unbiased_vars: Tensor, momentum: float
+) -> tuple[Tensor, Tensor]:
+    """``k`` PyTorch-style EMA steps ``s <- (1 - m) s + m x_i`` at once, in float64.
+
+    Unrolled, ``s_k = (1 - m)^k s_0 + sum_i m (1 - m)^(k - 1 - i) x_i``; the batch variances are
+    Bessel-corrected, as ``torch.nn.functional.batch_norm`` stores them.
+    """
+    k = means.shape[0]
+    decay = 1.0 - momentum
+    powers = torch.arange(k - 1, -1, -1, dtype=torch.float64, device=means.device)
+    weights = (momentum * torch.full_like(powers, decay).pow(powers))[:, None]
+    keep = decay**k
+    new_mean = old_mean * keep + (weights * means.to(torch.float64)).sum(dim=0)
+    new_var = old_var * keep + (weights * unbiased_vars.to(torch.float64)).sum(dim=0)
     return new_mean, new_var
+
+
+class RowBuffer:
+    """Per-call (n, batch mean, unbiased batch variance) rows, folded in chunks.
+
+    Copying two buffers into a preallocated float64 row is all the per-batch work a layer costs;
+    the merge runs once per chunk, vectorized. On a GPU this keeps the pass free of syncs and of
+    dozens of tiny kernels per layer per batch. Rows of a batch that is later abandoned (skipped)
+    are rolled back; only committed rows are folded.
+    """
+
+    def __init__(self, channels: int, device: torch.device, capacity: int = 64) -> None:
+        self.capacity = capacity
+        self.means = torch.empty(capacity, channels, dtype=torch.float64, device=device)
+        self.vars = torch.empty_like(self.means)
+        self.ns: list[int] = []
+        self.tags: list[int] = []
+        self.committed = 0
+
+    def push(self, n: int, mean: Tensor, unbiased_var: Tensor) -> None:
+        """Record one call's statistics (pending until :meth:`commit`)."""
+        i = len(self.ns)
+        if i == self.means.shape[0]:  # one forward called the layer more often than capacity
+            self.means = torch.cat([self.means, torch.empty_like(self.means)])
+            self.vars = torch.cat([self.vars, torch.empty_like(self.vars)])
+        self.means[i].copy_(mean.detach())
+        self.vars[i].copy_(unbiased_var.detach())
+        self.ns.append(n)
+
+    def rollback(self) -> None:
+        """Forget the rows pushed since the last commit."""
+        del self.ns[self.committed :]
+
+    def commit(self, tag: int) -> None:
+        """Keep the pending rows, labelled with ``tag`` (the batch index)."""
+        self.tags.extend([tag] * (len(self.ns) - self.committed))
+        self.committed = len(self.ns)
+
+    @property
+    def full(self) -> bool:
+        """Whether a chunk's worth of rows is waiting to be folded."""
+        return self.committed >= self.capacity
+
+    def take(self) -> tuple[list[int], Tensor, Tensor, list[int]]:
+        """The committed rows (views, valid until the next push) and their tags; then empty."""
+        k = self.committed
+        out = (self.ns[:k], self.means[:k], self.vars[:k], self.tags[:k])
+        self.ns, self.tags, self.committed = self.ns[k:], [], 0
+        return out
 
 
 class SpreadTracker:
@@ -115,16 +180,18 @@ class SpreadTracker:
         self._means: Moments | None = None
         self._vars: Moments | None = None
 
-    def add(self, batch: Moments) -> None:
-        """Record one batch's per-channel mean and (Bessel-corrected) variance."""
-        if batch.n < 2:
+    def add_rows(self, means: Tensor, unbiased_vars: Tensor) -> None:
+        """Record ``k`` batches' per-channel means and (Bessel-corrected) variances."""
+        k = means.shape[0]
+        if k == 0:
             return
-        one = torch.zeros_like(batch.mean)
-        mean_point = Moments(1, batch.mean, one)
-        var_point = Moments(1, batch.var(), one.clone())
-        self._means = mean_point if self._means is None else self._means.merge(mean_point)
-        self._vars = var_point if self._vars is None else self._vars.merge(var_point)
-        self.k += 1
+        ones = [1] * k
+        zeros = torch.zeros_like(means, dtype=torch.float64)
+        mean_points = pool_rows(ones, means, zeros)
+        var_points = pool_rows(ones, unbiased_vars, zeros)
+        self._means = mean_points if self._means is None else self._means.merge(mean_points)
+        self._vars = var_points if self._vars is None else self._vars.merge(var_points)
+        self.k += k
 
     def relative_standard_error(self, pooled: Moments, eps: float) -> float:
         """Worst channel's standard error of the pooled mean (in stds) and variance (relative).
