@@ -24,7 +24,6 @@ import logging
 import sys
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
 import torch
@@ -40,18 +39,17 @@ from bnfix.batches import (
     model_device,
     to_device,
 )
+from bnfix.collect import Collector
 from bnfix.errors import BnfixError
 from bnfix.layers import (
     LayerSelector,
     SkipBatch,
     bn_mode,
     check_lazy,
-    elements_per_channel,
     select_layers,
     skipped_norm_layers,
 )
 from bnfix.report import LayerReport, Report
-from bnfix.stats import Moments, RowBuffer, SpreadTracker, ema_rows, moments_of, pool_rows
 
 __all__ = ["recalibrate", "validate_options"]
 
@@ -61,43 +59,6 @@ Momentum = Union[str, float]
 NumBatches = Union[None, int, str]
 
 _AUTO_MIN_BATCHES = 5  # a spread estimated from fewer batches is too noisy to stop on
-
-
-@dataclass
-class _Layer:
-    """Book-keeping for one selected layer during the pass."""
-
-    name: str
-    module: _BatchNorm
-    momentum: Optional[float]  # None: exact pooling
-    path: str = "check"  # check -> fast | fallback
-    pooled: Moments = field(default_factory=lambda: Moments(0, torch.zeros(0), torch.zeros(0)))
-    mean: Optional[Tensor] = None  # EMA state (float64)
-    var: Optional[Tensor] = None
-    rows: Optional[RowBuffer] = None  # this chunk's per-call statistics
-    calls: int = 0  # folded calls
-    n_current: int = 0
-    from_input: Optional[Moments] = None
-    first_bad: Optional[int] = None  # index of the first batch with non-finite statistics
-    spread: Optional[SpreadTracker] = None
-
-    def fold(self) -> None:
-        """Merge the committed rows into the pooled moments (or the EMA state)."""
-        assert self.rows is not None
-        ns, means, variances, tags = self.rows.take()
-        if not ns:
-            return
-        finite = torch.isfinite(means).all(dim=1) & torch.isfinite(variances).all(dim=1)
-        if self.first_bad is None and not bool(finite.all()):
-            self.first_bad = tags[int((~finite).nonzero()[0, 0])]
-        self.calls += len(ns)
-        if self.momentum is None:
-            self.pooled = self.pooled.merge(pool_rows(ns, means, variances))
-        else:
-            assert self.mean is not None and self.var is not None
-            self.mean, self.var = ema_rows(self.mean, self.var, means, variances, self.momentum)
-        if self.spread is not None:
-            self.spread.add_rows(means, variances)
 
 
 def validate_options(
@@ -164,56 +125,6 @@ def _layer_momentum(
             return 0.1
         return float(own)
     return float(momentum)
-
-
-def _agrees(mean: Tensor, unbiased_var: Tensor, reference: Moments) -> bool:
-    """Do a layer's buffers hold the standard PyTorch update, up to their dtype's rounding?"""
-    scale = torch.finfo(mean.dtype).eps / torch.finfo(torch.float32).eps
-    var = reference.var()
-    std = var.clamp_min(0).sqrt()
-    mean_tol = scale * (1e-4 * std + 1e-6 * reference.mean.abs()) + 1e-8
-    var_tol = scale * (1e-3 * var + (1e-5 * reference.mean.abs()).square()) + 1e-10
-    return bool(
-        ((mean.to(torch.float64) - reference.mean).abs() <= mean_tol).all()
-        and ((unbiased_var.to(torch.float64) - var).abs() <= var_tol).all()
-    )
-
-
-def _make_hooks(layer: _Layer) -> tuple[Any, Any]:
-    def pre_hook(module: _BatchNorm, args: tuple[Any, ...]) -> None:
-        x = args[0] if args else None
-        if not isinstance(x, Tensor) or x.dim() < 2:
-            return  # let the layer itself complain about its input
-        n = elements_per_channel(x)
-        if n <= 1:
-            raise SkipBatch(layer.name)
-        layer.n_current = n
-        if layer.path != "fast":
-            layer.from_input = moments_of(x)
-
-    def post_hook(module: _BatchNorm, args: tuple[Any, ...], output: Any) -> None:
-        n, reference = layer.n_current, layer.from_input
-        layer.n_current, layer.from_input = 0, None
-        if n == 0:
-            return
-        assert layer.rows is not None
-        if layer.path == "check":
-            assert reference is not None
-            if _agrees(module.running_mean, module.running_var, reference):  # type: ignore[arg-type]
-                layer.path = "fast"
-            else:
-                layer.path = "fallback"
-                logger.info(
-                    "%s: buffers do not hold the standard BN update; using input moments",
-                    layer.name,
-                )
-        if layer.path == "fast":
-            layer.rows.push(n, module.running_mean, module.running_var)  # type: ignore[arg-type]
-        else:
-            assert reference is not None
-            layer.rows.push(n, reference.mean, reference.var())
-
-    return pre_hook, post_hook
 
 
 def _drift(
@@ -299,28 +210,14 @@ def recalibrate(
             + ", ".join(selection.eval_mode_names)
         )
 
-    state = [
-        _Layer(name, module, _layer_momentum(module, momentum, notes, name))
-        for name, module in selection.layers
-    ]
-    modules = [layer.module for layer in state]
+    momenta = [_layer_momentum(module, momentum, notes, name) for name, module in selection.layers]
+    modules = [module for _, module in selection.layers]
     before = [
-        (m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone())
+        (m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone())  # type: ignore[union-attr]
         for m in modules
-    ]  # type: ignore[union-attr]
-    for layer, (mean, var, _) in zip(state, before):
-        acc_device = (
-            mean.device if mean.device.type != "mps" else torch.device("cpu")
-        )  # no float64 on MPS
-        layer.pooled = Moments.empty(mean.numel(), acc_device)
-        layer.rows = RowBuffer(mean.numel(), acc_device)
-        if layer.momentum is not None:
-            layer.mean, layer.var = (
-                mean.to(acc_device, torch.float64),
-                var.to(acc_device, torch.float64),
-            )
-        if num_batches == "auto":
-            layer.spread = SpreadTracker()
+    ]
+    collector = Collector(selection.layers, momenta, auto=num_batches == "auto")
+    state = collector.states
 
     forward = forward_fn or default_forward
     limit = None if num_batches in (None, "auto") else int(num_batches)  # type: ignore[arg-type]
@@ -328,17 +225,12 @@ def recalibrate(
     rse: Optional[float] = None
     labels_seen: set[int] = set()
     mixed_batch = False
-    handles = []
     start = time.perf_counter()
     try:
-        with bn_mode(model, modules, dropout=dropout, momentum=1.0):
+        with bn_mode(model, modules, dropout=dropout, momentum=1.0), collector.hooks():
             for m in modules:  # finite starting values: 0 * NaN would poison the momentum-1 update
                 m.running_mean.zero_()  # type: ignore[union-attr]
                 m.running_var.fill_(1.0)  # type: ignore[union-attr]
-            for layer in state:
-                pre, post = _make_hooks(layer)
-                handles.append(layer.module.register_forward_pre_hook(pre))
-                handles.append(layer.module.register_forward_hook(post))
             bar = _progress(loader, limit, progress)
             for index, batch in enumerate(itertools.islice(loader, limit)):
                 target = default_target(batch)
@@ -353,41 +245,28 @@ def recalibrate(
                 try:
                     forward(model, to_device(batch, target_device))
                 except SkipBatch as skip:
-                    for layer in state:
-                        layer.rows.rollback()  # type: ignore[union-attr]
-                        layer.n_current, layer.from_input = 0, None
+                    collector.discard()
                     skipped += 1
                     logger.debug(
                         "skipped batch %d: %s would see one element per channel", index, skip
                     )
                     bar.update(1)
                     continue
-                for layer in state:
-                    layer.rows.commit(index)  # type: ignore[union-attr]
-                    if layer.rows.full or num_batches == "auto":  # type: ignore[union-attr]
-                        layer.fold()
+                collector.commit(index)
                 used += 1
                 samples += batch_size(batch)
                 bar.update(1)
                 if num_batches == "auto" and used >= _AUTO_MIN_BATCHES:
-                    rse = max(
-                        layer.spread.relative_standard_error(layer.pooled, layer.module.eps)  # type: ignore[union-attr]
-                        for layer in state
-                        if layer.calls
-                    )
+                    rse = collector.relative_standard_error()
                     bar.set_postfix(rse=f"{rse:.4f}")
                     if rse <= tol:
                         break
             bar.close()
-            for layer in state:
-                layer.fold()
-    except Exception:
+            collector.finish()
+    except BaseException:  # KeyboardInterrupt too: the other ranks must not wait forever
         if process_group is not None:
             distributed.any_rank_failed(True, process_group)  # release the other ranks
         raise
-    finally:
-        for handle in handles:
-            handle.remove()
     seconds = time.perf_counter() - start
 
     if skipped:

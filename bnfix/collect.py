@@ -1,0 +1,217 @@
+"""Exact per-layer moments of BatchNorm inputs, collected with hooks during forward passes.
+
+Shared by :func:`bnfix.recalibrate` (which writes the result) and :func:`bnfix.diagnose` (which only
+looks). The caller runs the model with the layers in train mode at momentum 1.0 (see
+:func:`bnfix.layers.bn_mode`); a pre-hook counts each call's elements per channel, a forward hook
+reads the layer's own batch statistics from its buffers (the fast path, no second pass over the
+activations) or, for a BN subclass whose buffers do not hold the standard update (checked on the
+first call), takes the moments of the input itself. Rows are folded in chunks with Chan's formula
+in float64 (:mod:`bnfix.stats`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from bnfix.layers import SkipBatch, elements_per_channel
+from bnfix.stats import Moments, RowBuffer, SpreadTracker, ema_rows, moments_of, pool_rows
+
+__all__ = ["Collector", "LayerStats"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class LayerStats:
+    """Book-keeping for one BN layer during a pass: pooled moments or EMA state, this chunk's rows."""
+
+    name: str
+    module: _BatchNorm
+    momentum: Optional[float]  # None: exact pooling
+    path: str = "check"  # check -> fast | fallback
+    pooled: Moments = field(default_factory=lambda: Moments(0, torch.zeros(0), torch.zeros(0)))
+    mean: Optional[Tensor] = None  # EMA state (float64)
+    var: Optional[Tensor] = None
+    rows: Optional[RowBuffer] = None  # this chunk's per-call statistics
+    calls: int = 0  # folded calls
+    n_current: int = 0
+    from_input: Optional[Moments] = None
+    first_bad: Optional[int] = None  # index of the first batch with non-finite statistics
+    spread: Optional[SpreadTracker] = None
+
+    def fold(self) -> None:
+        """Merge the committed rows into the pooled moments (or the EMA state)."""
+        assert self.rows is not None
+        ns, means, variances, tags = self.rows.take()
+        if not ns:
+            return
+        finite = torch.isfinite(means).all(dim=1) & torch.isfinite(variances).all(dim=1)
+        if self.first_bad is None and not bool(finite.all()):
+            self.first_bad = tags[int((~finite).nonzero()[0, 0])]
+        self.calls += len(ns)
+        if self.momentum is None:
+            self.pooled = self.pooled.merge(pool_rows(ns, means, variances))
+        else:
+            assert self.mean is not None and self.var is not None
+            self.mean, self.var = ema_rows(self.mean, self.var, means, variances, self.momentum)
+        if self.spread is not None:
+            self.spread.add_rows(means, variances)
+
+
+def _agrees(mean: Tensor, unbiased_var: Tensor, reference: Moments) -> bool:
+    """Do a layer's buffers hold the standard PyTorch update, up to their dtype's rounding?"""
+    scale = torch.finfo(mean.dtype).eps / torch.finfo(torch.float32).eps
+    var = reference.var()
+    std = var.clamp_min(0).sqrt()
+    mean_tol = scale * (1e-4 * std + 1e-6 * reference.mean.abs()) + 1e-8
+    var_tol = scale * (1e-3 * var + (1e-5 * reference.mean.abs()).square()) + 1e-10
+    return bool(
+        ((mean.to(torch.float64) - reference.mean).abs() <= mean_tol).all()
+        and ((unbiased_var.to(torch.float64) - var).abs() <= var_tol).all()
+    )
+
+
+def _make_hooks(layer: LayerStats) -> tuple[Any, Any]:
+    def pre_hook(module: _BatchNorm, args: tuple[Any, ...]) -> None:
+        x = args[0] if args else None
+        if not isinstance(x, Tensor) or x.dim() < 2:
+            return  # let the layer itself complain about its input
+        n = elements_per_channel(x)
+        if n <= 1:
+            raise SkipBatch(layer.name)
+        layer.n_current = n
+        if layer.path != "fast":
+            layer.from_input = moments_of(x)
+
+    def post_hook(module: _BatchNorm, args: tuple[Any, ...], output: Any) -> None:
+        n, reference = layer.n_current, layer.from_input
+        layer.n_current, layer.from_input = 0, None
+        if n == 0:
+            return
+        assert layer.rows is not None
+        if layer.path == "check":
+            assert reference is not None
+            if _agrees(module.running_mean, module.running_var, reference):  # type: ignore[arg-type]
+                layer.path = "fast"
+            else:
+                layer.path = "fallback"
+                logger.info(
+                    "%s: buffers do not hold the standard BN update; using input moments",
+                    layer.name,
+                )
+        if layer.path == "fast":
+            layer.rows.push(n, module.running_mean, module.running_var)  # type: ignore[arg-type]
+        else:
+            assert reference is not None
+            layer.rows.push(n, reference.mean, reference.var())
+
+    return pre_hook, post_hook
+
+
+class Collector:
+    """Per-layer moments of every given BN layer over the batches run inside :meth:`hooks`.
+
+    Args:
+        layers: ``(name, module)`` pairs.
+        momenta: per layer, None to pool exactly or an EMA momentum (starting from the layer's
+            current statistics, so build the collector before the buffers are touched).
+        auto: track the spread of per-batch moments, for :meth:`relative_standard_error`.
+    """
+
+    def __init__(
+        self,
+        layers: Sequence[tuple[str, _BatchNorm]],
+        momenta: Optional[Sequence[Optional[float]]] = None,
+        auto: bool = False,
+    ) -> None:
+        self.states: list[LayerStats] = []
+        self.order: dict[str, int] = {}
+        self._auto = auto
+        for i, (name, module) in enumerate(layers):
+            mean, var = module.running_mean, module.running_var
+            assert mean is not None and var is not None
+            device = mean.device if mean.device.type != "mps" else torch.device("cpu")  # no fp64
+            state = LayerStats(name, module, None if momenta is None else momenta[i])
+            state.pooled = Moments.empty(mean.numel(), device)
+            state.rows = RowBuffer(mean.numel(), device)
+            if state.momentum is not None:
+                state.mean = mean.detach().to(device, torch.float64, copy=True)
+                state.var = var.detach().to(device, torch.float64, copy=True)
+            if auto:
+                state.spread = SpreadTracker()
+            self.states.append(state)
+
+    @contextlib.contextmanager
+    def hooks(self, track_order: bool = False) -> Iterator[None]:
+        """Collect while inside; with ``track_order``, record the order layers are first called."""
+        handles = []
+        try:
+            for state in self.states:
+                if track_order:
+                    handles.append(state.module.register_forward_pre_hook(self._order_hook(state)))
+                pre, post = _make_hooks(state)
+                handles.append(state.module.register_forward_pre_hook(pre))
+                handles.append(state.module.register_forward_hook(post))
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _order_hook(self, state: LayerStats) -> Any:
+        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+            self.order.setdefault(state.name, len(self.order))
+
+        return hook
+
+    def commit(self, index: int) -> None:
+        """Keep the batch just run (labelled ``index``); fold full chunks (every batch in auto)."""
+        for state in self.states:
+            assert state.rows is not None
+            state.rows.commit(index)
+            if state.rows.full or self._auto:
+                state.fold()
+
+    def discard(self) -> None:
+        """Drop a skipped batch's partial moments, so no layer counts part of it."""
+        for state in self.states:
+            assert state.rows is not None
+            state.rows.rollback()
+            state.n_current, state.from_input = 0, None
+
+    def finish(self) -> None:
+        """Fold every committed row."""
+        for state in self.states:
+            state.fold()
+
+    def relative_standard_error(self) -> float:
+        """Worst layer's relative standard error of its estimates (inf until known)."""
+        return max(
+            (
+                state.spread.relative_standard_error(state.pooled, state.module.eps)
+                for state in self.states
+                if state.calls and state.spread is not None
+            ),
+            default=math.inf,  # no layer has seen data (all unused): keep going
+        )
+
+    def stats(self) -> list[Optional[tuple[Tensor, Tensor]]]:
+        """Per layer pooled ``(mean, unbiased var)`` in float64, None for a layer that saw no data."""
+        self.finish()
+        out: list[Optional[tuple[Tensor, Tensor]]] = []
+        for state in self.states:
+            moments = state.pooled
+            if state.calls == 0 or moments.n == 0:
+                out.append(None)
+            else:
+                var = moments.var() if moments.n > 1 else torch.zeros_like(moments.mean)
+                out.append((moments.mean, var))
+        return out
