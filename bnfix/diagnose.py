@@ -147,8 +147,9 @@ def _batch_stats(model: nn.Module, modules: list[_BatchNorm], dropout: bool) -> 
 @contextlib.contextmanager
 def _private_rng(device: torch.device, seed: int) -> Iterator[None]:
     """A seeded RNG for the dropout masks; the caller's CPU (and CUDA device's) stream is restored."""
-    cuda = [device.index if device.index is not None else torch.cuda.current_device()]
-    devices = cuda if device.type == "cuda" else []
+    devices = []
+    if device.type == "cuda":
+        devices = [device.index if device.index is not None else torch.cuda.current_device()]
     with torch.random.fork_rng(devices=devices):
         torch.default_generator.manual_seed(seed)
         for index in devices:
@@ -165,6 +166,50 @@ def _kl(train_out: Tensor, eval_out: Tensor) -> Optional[tuple[float, int]]:
     log_q = F.log_softmax(eval_out.double(), dim=1)
     kl = (log_p.exp() * (log_p - log_q)).sum(dim=1)
     return float(kl.sum()), kl.numel()
+
+
+class _Pair:
+    """Exact counts for two ways of running the same batches, and the gap between them."""
+
+    def __init__(self) -> None:
+        self.counts = (_Counts((1,)), _Counts((1,)))
+        self.gap = _Gap()
+        self.kl_sum = 0.0
+        self.kl_n = 0
+
+    def add(self, reference: Tensor, other: Tensor, target: Any) -> None:
+        """``reference``: the outputs taken as right (train-mode BN, exact statistics)."""
+        labels = target if isinstance(target, Tensor) else None
+        self.counts[0].add(reference, labels)
+        self.counts[1].add(other, labels)
+        self.gap.add(other, reference)
+        kl = _kl(reference, other)
+        if kl is not None:
+            self.kl_sum, self.kl_n = self.kl_sum + kl[0], self.kl_n + kl[1]
+
+    @property
+    def kl(self) -> Optional[float]:
+        return self.kl_sum / self.kl_n if self.kl_n else None
+
+
+@contextlib.contextmanager
+def _written(layers: Sequence[tuple[str, _BatchNorm]], stats: Sequence[Any]) -> Iterator[None]:
+    """The given statistics in the running buffers meanwhile; the old ones copied back after."""
+    saved = []
+    try:
+        for (_, module), new in zip(layers, stats):
+            if new is None or not (torch.isfinite(new[0]).all() and torch.isfinite(new[1]).all()):
+                continue
+            mean, var = module.running_mean, module.running_var
+            assert mean is not None and var is not None
+            saved.append((mean, mean.clone()))
+            saved.append((var, var.clone()))
+            mean.copy_(new[0])
+            var.copy_(new[1])
+        yield
+    finally:
+        for buffer, value in saved:
+            buffer.copy_(value)
 
 
 def _check(model: Any, loader: Any, reference: Any, num_batches: Any, forward_fn: Any) -> None:
@@ -255,9 +300,7 @@ def diagnose(
     modules = [module for _, module in layers]
     has_dropout = bool(dropout_layers(model))
     off, on = _Collector(layers), _Collector(layers)
-    counts = {"eval": _Counts((1,)), "train": _Counts((1,))}
-    gap = _Gap()
-    kl_sum, kl_n = 0.0, 0
+    train_vs_eval = _Pair()
     used = skipped = samples = 0
     total = len(loader) if hasattr(loader, "__len__") else None  # type: ignore[arg-type]
     if total is not None and num_batches is not None:
@@ -286,13 +329,7 @@ def diagnose(
             on.commit(index)
             used += 1
             samples += batch_size(batch)
-            labels = target if isinstance(target, Tensor) else None
-            counts["eval"].add(eval_out, labels)
-            counts["train"].add(train_out, labels)
-            gap.add(eval_out, train_out)
-            kl = _kl(train_out, eval_out)
-            if kl is not None:
-                kl_sum, kl_n = kl_sum + kl[0], kl_n + kl[1]
+            train_vs_eval.add(train_out, eval_out, target)
     if used == 0:
         raise BnfixError(
             "No usable batch to diagnose: the loader was empty"
@@ -323,6 +360,19 @@ def diagnose(
                 "training-like data with batches of two or more samples"
             )
 
+    exact_vs_eval: Optional[_Pair] = None
+    if not isinstance(loader, Iterator):  # a second pass needs a re-iterable loader
+        exact_vs_eval = _Pair()
+        stats = off.stats()
+        for batch in itertools.islice(loader, num_batches):
+            target = default_target(batch)
+            moved = to_device(batch, where)
+            with bn_mode(model, []):
+                eval_out = output_tensor(forward(model, moved)).detach()
+                with _written(layers, stats):
+                    exact_out = output_tensor(forward(model, moved)).detach()
+            exact_vs_eval.add(exact_out, eval_out, target)
+
     warnings: list[str] = []
     layer_drifts = _layer_drifts(
         layers, off, on if has_dropout else None, ref if reference is not None else None, warnings
@@ -339,27 +389,35 @@ def diagnose(
         )
     if not layers:
         warnings.append("the model has no BatchNorm layer that tracks running statistics")
-    evals = counts["eval"].result("eval"), counts["train"].result("train")
-    kl_mean = kl_sum / kl_n if kl_n else None
+    kl = train_vs_eval.kl
+    exact = exact_vs_eval
     starts = _drift_starts(layer_drifts)
     verdict = decide(
         layer_drifts,
-        agreement=gap.agreement,
-        kl=kl_mean,
-        output_gap=gap.output_gap,
-        eval_top1=evals[0].top1,
-        train_top1=evals[1].top1,
+        agreement=train_vs_eval.gap.agreement,
+        kl=kl,
+        output_gap=train_vs_eval.gap.output_gap,
+        exact_agreement=exact.gap.agreement if exact else None,
+        exact_kl=exact.kl if exact else None,
+        exact_output_gap=exact.gap.output_gap if exact else None,
+        eval_top1=train_vs_eval.counts[1].result("eval").top1,
+        train_top1=train_vs_eval.counts[0].result("train").top1,
+        exact_top1=exact.counts[0].result("exact").top1 if exact else None,
         drift_starts=starts,
         reference=reference is not None,
     )
     return Diagnosis(
         verdict=verdict,
         layers=tuple(layer_drifts),
-        eval=evals[0],
-        train_bn=evals[1],
-        agreement=gap.agreement,
-        kl=kl_mean,
-        output_gap=gap.output_gap,
+        eval=train_vs_eval.counts[1].result("eval"),
+        train_bn=train_vs_eval.counts[0].result("train"),
+        agreement=train_vs_eval.gap.agreement,
+        kl=kl,
+        output_gap=train_vs_eval.gap.output_gap,
+        exact=exact.counts[0].result("exact") if exact else None,
+        exact_agreement=exact.gap.agreement if exact else None,
+        exact_kl=exact.kl if exact else None,
+        exact_output_gap=exact.gap.output_gap if exact else None,
         drift_starts=starts,
         has_dropout=has_dropout,
         batches=used,

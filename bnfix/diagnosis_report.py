@@ -167,6 +167,12 @@ class Diagnosis:
         kl: mean ``KL(p_train || p_eval)`` in nats per sample (per position for dense outputs),
             softmax over dim 1; None when outputs are not scores.
         output_gap: ``||eval - train|| / ||train||`` over all outputs.
+        exact: eval mode with the exact statistics of the data written in meanwhile (what
+            :func:`bnfix.recalibrate` on this data would give), from a second pass; None when
+            the loader is a one-shot iterator.
+        exact_agreement, exact_kl, exact_output_gap: the same comparisons as above, of eval mode
+            against eval mode with exact statistics. Unlike train-mode BN, this reference carries
+            no batch-statistics noise, so it isolates what the running statistics cost.
         drift_starts: the first layer in execution order whose drift reaches the noise threshold
             (None if none does): upstream of it the statistics are fine.
         has_dropout: whether the model holds Dropout-family modules (the dropout pass ran).
@@ -184,6 +190,10 @@ class Diagnosis:
     agreement: Optional[float]
     kl: Optional[float]
     output_gap: Optional[float]
+    exact: Optional[Evaluation] = None
+    exact_agreement: Optional[float] = None
+    exact_kl: Optional[float] = None
+    exact_output_gap: Optional[float] = None
     drift_starts: Optional[str] = None
     has_dropout: bool = False
     batches: int = 0
@@ -218,6 +228,10 @@ class Diagnosis:
             "agreement": self.agreement,
             "kl": self.kl,
             "output_gap": self.output_gap,
+            "exact": self.exact.to_dict() if self.exact is not None else None,
+            "exact_agreement": self.exact_agreement,
+            "exact_kl": self.exact_kl,
+            "exact_output_gap": self.exact_output_gap,
             "drift_starts": self.drift_starts,
             "has_dropout": self.has_dropout,
             "batches": self.batches,
@@ -273,15 +287,21 @@ class Diagnosis:
                 f"     evidence: {numbers}",
                 f"     fix: {v.fix}",
             ]
+        exact = self.exact
         gap_rows = [
-            ["top-1", _pct(self.eval.top1), _pct(self.train_bn.top1)],
-            ["loss", _fmt(self.eval.loss, 4), _fmt(self.train_bn.loss, 4)],
+            ["top-1", _pct(self.eval.top1), _pct(self.train_bn.top1), _pct(exact and exact.top1)],
+            [
+                "loss",
+                _fmt(self.eval.loss, 4),
+                _fmt(self.train_bn.loss, 4),
+                _fmt(exact and exact.loss, 4),
+            ],
+            ["agreement with eval", "", _pct(self.agreement), _pct(self.exact_agreement)],
+            ["KL(. || eval)", "", _fmt(self.kl, 4), _fmt(self.exact_kl, 4)],
+            ["output gap to eval", "", _fmt(self.output_gap, 4), _fmt(self.exact_output_gap, 4)],
         ]
-        lines += ["", render_table(["outputs", "eval", "train-mode BN"], gap_rows)]
-        lines.append(
-            f"eval/train-mode agreement {_pct(self.agreement)}, KL(train||eval) {_fmt(self.kl, 4)}"
-            f", output gap {_fmt(self.output_gap, 4)}"
-        )
+        headers = ["outputs", "eval", "train-mode BN", "eval, exact stats"]
+        lines += ["", render_table(headers, gap_rows)]
         if self.layers:
             lines += ["", self.layer_table()]
             if self.drift_starts is not None:

@@ -18,12 +18,12 @@ __all__ = ["THRESHOLDS", "decide", "gap_level"]
 THRESHOLDS: dict[str, float] = {
     "drift_small": 0.1,
     "drift_large": 0.5,
-    "agreement_moderate": 0.98,
-    "agreement_large": 0.90,
+    "agreement_moderate": 0.95,
+    "agreement_large": 0.85,
     "kl_moderate": 0.02,
     "kl_large": 0.1,
-    "output_gap_moderate": 0.1,
-    "output_gap_large": 0.3,
+    "output_gap_moderate": 0.25,
+    "output_gap_large": 0.5,
     "dropout_small": 1.1,
     "dropout_large": 1.5,
 }
@@ -120,22 +120,38 @@ def decide(
     agreement: Optional[float],
     kl: Optional[float],
     output_gap: Optional[float],
-    eval_top1: Optional[float],
-    train_top1: Optional[float],
+    exact_agreement: Optional[float] = None,
+    exact_kl: Optional[float] = None,
+    exact_output_gap: Optional[float] = None,
+    eval_top1: Optional[float] = None,
+    train_top1: Optional[float] = None,
+    exact_top1: Optional[float] = None,
     drift_starts: Optional[str],
     reference: bool,
 ) -> tuple[Verdict, ...]:
-    """The likely causes, most likely first (never empty)."""
+    """The likely causes, most likely first (never empty).
+
+    The output gap that sets the confidence is eval mode against eval mode with the exact
+    statistics when that was measured (no batch-statistics noise: it is what recalibration would
+    change), else eval against train-mode BN.
+    """
     t = THRESHOLDS
     used = [layer for layer in layers if layer.used]
-    gap = gap_level(agreement, kl, output_gap)
+    exact = exact_agreement is not None or exact_kl is not None or exact_output_gap is not None
+    if exact:
+        gap = gap_level(exact_agreement, exact_kl, exact_output_gap)
+    else:
+        gap = gap_level(agreement, kl, output_gap)
     outputs: dict[str, Any] = {
         "agreement": agreement,
         "kl": kl,
-        "output_gap": output_gap,
         "eval_top1": eval_top1,
         "train_bn_top1": train_top1,
     }
+    if exact:
+        outputs.update(
+            {"exact_agreement": exact_agreement, "exact_kl": exact_kl, "exact_top1": exact_top1}
+        )
     # (verdict, severity relative to its own "large" threshold), for ranking within a confidence
     candidates: list[tuple[Verdict, float]] = []
 
@@ -225,16 +241,25 @@ def decide(
             confidence = ("high", "medium", "low")[gap]
         else:
             confidence = "medium" if strongest < 2 else "low"
-        text = (
-            "eval and train-mode BN outputs agree and the running statistics match this data"
-            if gap == 0 and not candidates
-            else "the running statistics match this data, yet eval and train-mode BN disagree: "
-            "recalibration cannot close that gap (train-mode outputs carry batch-statistics "
-            "noise, e.g. small batches)"
-            if not candidates
-            else "eval and train-mode BN outputs agree despite the statistics mismatch"
-        )
-        evidence: dict[str, Any] = {"max_drift": residual if worst is not None else None}
+        if candidates:
+            text = (
+                "eval mode's outputs barely move with the exact statistics of this data, despite "
+                "the causes listed above: recalibrating is cheap but will change little"
+            )
+        elif gap == 0:
+            text = (
+                "the running statistics match this data and eval-mode outputs agree with those of "
+                "exact statistics: the gap is not BatchNorm's"
+            )
+        else:
+            text = (
+                "the running statistics are close to this data's, yet eval mode's outputs move: "
+                "look for very sensitive BatchNorm layers or other train/eval-dependent modules"
+            )
+        evidence: dict[str, Any] = {
+            "max_drift": residual if worst is not None else None,
+            "max_dropout_shift": shift if dropped is not None else None,
+        }
         verdict = Verdict(
             "bn_not_the_problem",
             confidence,
