@@ -341,13 +341,13 @@ def diagnose(
     ref_used = 0
     if reference is not None:
         for index, batch in enumerate(itertools.islice(reference, num_batches)):
-            rng = (
+            ref_rng: contextlib.AbstractContextManager[None] = (
                 _private_rng(where, _DROPOUT_SEED + index)
                 if has_dropout
                 else contextlib.nullcontext()
             )
             try:
-                with rng, _batch_stats(model, modules, dropout=has_dropout), ref.hooks():
+                with ref_rng, _batch_stats(model, modules, dropout=has_dropout), ref.hooks():
                     forward(model, to_device(batch, where))
             except SkipBatch:
                 ref.discard()
@@ -444,7 +444,7 @@ def _layer_drifts(
     train_stats = on_stats if on is not None else off_stats  # training conditions
     result = []
     for i, (name, module) in enumerate(layers):
-        common = {
+        common: dict[str, Any] = {
             "name": name,
             "kind": type(module).__name__,
             "channels": int(module.num_features),
@@ -453,7 +453,7 @@ def _layer_drifts(
         }
         data = off_stats[i]
         if data is None:
-            result.append(LayerDrift(**common))  # type: ignore[arg-type]
+            result.append(LayerDrift(**common))
             continue
         eps = float(module.eps)
         run_mean = module.running_mean.detach()  # type: ignore[union-attr]
@@ -466,7 +466,7 @@ def _layer_drifts(
         shift, shift_max, logvar, logvar_max = _drift(
             run_mean.to(dev), run_var.to(dev), data[0], data[1], eps
         )
-        extra: dict[str, Optional[float]] = {}
+        extra: dict[str, Any] = {}
         if on is not None and on_stats[i] is not None:
             dropped = on_stats[i]
             assert dropped is not None
@@ -478,7 +478,7 @@ def _layer_drifts(
             extra["shift_drift"] = _score(reference[0], reference[1], train, eps)
         result.append(
             LayerDrift(
-                **common,  # type: ignore[arg-type]
+                **common,
                 mean_shift=shift,
                 mean_shift_max=shift_max,
                 log_var_ratio=logvar,

@@ -287,14 +287,15 @@ class Diagnosis:
                 f"     evidence: {numbers}",
                 f"     fix: {v.fix}",
             ]
-        exact = self.exact
+        exact_top1 = self.exact.top1 if self.exact is not None else None
+        exact_loss = self.exact.loss if self.exact is not None else None
         gap_rows = [
-            ["top-1", _pct(self.eval.top1), _pct(self.train_bn.top1), _pct(exact and exact.top1)],
+            ["top-1", _pct(self.eval.top1), _pct(self.train_bn.top1), _pct(exact_top1)],
             [
                 "loss",
                 _fmt(self.eval.loss, 4),
                 _fmt(self.train_bn.loss, 4),
-                _fmt(exact and exact.loss, 4),
+                _fmt(exact_loss, 4),
             ],
             ["agreement with eval", "", _pct(self.agreement), _pct(self.exact_agreement)],
             ["KL(. || eval)", "", _fmt(self.kl, 4), _fmt(self.exact_kl, 4)],

@@ -256,14 +256,14 @@ def decide(
                 "the running statistics are close to this data's, yet eval mode's outputs move: "
                 "look for very sensitive BatchNorm layers or other train/eval-dependent modules"
             )
-        evidence: dict[str, Any] = {
+        numbers: dict[str, Any] = {
             "max_drift": residual if worst is not None else None,
             "max_dropout_shift": shift if dropped is not None else None,
         }
         verdict = Verdict(
             "bn_not_the_problem",
             confidence,
-            {**evidence, **outputs},
+            {**numbers, **outputs},
             text,
             _FIXES["bn_not_the_problem"],
         )
