@@ -1,8 +1,8 @@
 """``diagnose()``: say *why* eval mode is worse than train mode, layer by layer, changing nothing.
 
-One pass over the data runs each batch up to three ways, each inside :func:`bnfix.layers.bn_mode`
-(whose ``finally`` restores every flag, momentum and BN buffer bit for bit) with hooks removed in a
-``finally`` as well:
+A first pass over the data runs each batch up to three ways, each inside
+:func:`bnfix.layers.bn_mode` (whose ``finally`` restores every flag, momentum and BN buffer bit for
+bit) with hooks removed in a ``finally`` as well (the pieces live in :mod:`bnfix.probes`):
 
 1. eval mode (running statistics): the predictions the user gets;
 2. every BN on batch statistics, dropout off: the predictions train mode would give, and, through
@@ -10,6 +10,11 @@ One pass over the data runs each batch up to three ways, each inside :func:`bnfi
    every BN layer's input — the statistics recalibration would write;
 3. only if the model holds Dropout-family modules: the same with dropout on (training conditions),
    under a private, seeded RNG, so the caller's random stream is untouched.
+
+A second pass (skipped for one-shot iterators) runs eval mode with the running statistics and with
+the exact ones written into the buffers meanwhile (restored in ``finally``): the gap between the
+two is what the running statistics cost, free of the batch-statistics noise of train-mode BN, and
+it sets the confidence of the verdict.
 
 With ``reference=`` (training-like data) the reference batches run as in training (batch
 statistics, dropout on if present), so stale running statistics can be told from moved data.
@@ -19,25 +24,32 @@ eps)`` and ``|log((v_run + eps) / (v_data + eps))|``; a layer's *drift* is the w
 channel means. Outputs: top-1 agreement of eval vs train-mode BN, ``KL(p_train || p_eval)``, and
 accuracies when the batches carry labels. Dropout: per layer ``(v_on + eps) / (v_off + eps)``.
 
-Verdict thresholds (also recorded in ``Diagnosis.thresholds``):
+Verdict thresholds (``bnfix.verdict.THRESHOLDS``, also recorded in ``Diagnosis.thresholds``):
 
-* Drift, worst layer: below ``DRIFT_SMALL = 0.1`` is noise (an EMA over training batches with
+* Drift, worst layer: below ``drift_small = 0.1`` is noise (an EMA over training batches with
   momentum 0.1 plus a finite calibration set leaves channel-mean errors of a few hundredths of a
-  standard deviation); ``DRIFT_LARGE = 0.5`` is half a standard deviation of mean shift, or a
-  variance off by a factor e^0.5 = 1.65, in the average channel: enough to move every later layer.
-* Output gap: *large* if agreement < ``AGREEMENT_LARGE = 0.90`` or KL > ``KL_LARGE = 0.1`` nats,
-  *moderate* if agreement < ``AGREEMENT_MODERATE = 0.98`` or KL > ``KL_MODERATE = 0.02``; for
-  outputs that are not class scores, the relative output gap against ``OUTPUT_GAP_MODERATE = 0.1``
-  and ``OUTPUT_GAP_LARGE = 0.3``. Train-mode BN on batches of 32 to 256 is itself noisy, so a
-  healthy model sits a little above agreement 0.98 and KL 0.
-* Dropout: a layer counts when ``v_on / v_off`` is off 1 by more than ``DROPOUT_SMALL = 1.1``
+  standard deviation: 0.02-0.06 on healthy test models); ``drift_large = 0.5`` is half a standard
+  deviation of mean shift, or a variance off by a factor e^0.5 = 1.65, in the average channel:
+  enough to move every later layer.
+* Output gap, eval against eval with the exact statistics (against train-mode BN for one-shot
+  iterators): *large* if top-1 agreement < ``agreement_large = 0.85`` or KL > ``kl_large = 0.1``
+  nats, *moderate* if agreement < ``agreement_moderate = 0.95`` or KL > ``kl_moderate = 0.02``;
+  for outputs that are not class scores, the relative output gap against
+  ``output_gap_moderate = 0.25`` / ``output_gap_large = 0.5``. KL is the steadier signal: on a
+  task near its decision boundaries a drift of 0.05 already flips 2-3 % of top-1 predictions
+  while KL stays below 0.01, and train-mode BN on batches of 64 alone gives KL around 0.01-0.02.
+* Dropout: a layer counts when ``v_on / v_off`` is off 1 by more than ``dropout_small = 1.1``
   (ratio or its inverse) and its running statistics sit closer to the dropout-on statistics
-  than to the dropout-off ones; ``DROPOUT_LARGE = 1.5`` (inverted dropout with p = 0.5 after a
-  ReLU gives about 2.5).
+  than to the dropout-off ones (once recalibrated with dropout off, the shift no longer matters);
+  ``dropout_large = 1.5`` (inverted dropout with p = 0.5 after a ReLU gives about 2.4).
 * Confidence of a cause: *high* when its measure is large and the output gap at least moderate,
   or its measure is above noise and the gap large; *medium* when the measure is large but the
-  outputs agree, or the gap is moderate; *low* otherwise. ``bn_not_the_problem`` is *high* when
-  no cause passes its noise threshold and the outputs agree.
+  outputs agree, or the gap is moderate; *low* otherwise. ``statistics_mismatch`` is measured on
+  the drift that dropout does not explain (the smaller of the drifts against the dropout-off and
+  dropout-on statistics). ``bn_not_the_problem`` is *high* when no cause passes its noise
+  threshold and the outputs agree (*medium*/*low* with a moderate/large unexplained gap); when
+  causes pass but the outputs agree it is added as *medium* (measures above noise) or *low*
+  (a large measure).
 """
 
 from __future__ import annotations
@@ -50,7 +62,6 @@ from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Optional, Union
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -63,12 +74,11 @@ from bnfix.batches import (
     output_tensor,
     to_device,
 )
-from bnfix.core import _commit, _drift, _Layer, _make_hooks, validate_options
+from bnfix.core import _drift, validate_options
 from bnfix.diagnosis_report import Diagnosis, LayerDrift
 from bnfix.errors import BnfixError
-from bnfix.evaluate import _Counts, _Gap
 from bnfix.layers import SkipBatch, bn_layers, bn_mode, check_lazy, dropout_layers
-from bnfix.stats import Moments
+from bnfix.probes import Collector, Pair, batch_stats, private_rng, written
 from bnfix.verdict import THRESHOLDS, decide
 
 __all__ = ["diagnose"]
@@ -76,140 +86,6 @@ __all__ = ["diagnose"]
 Device = Union[None, str, torch.device]
 
 _DROPOUT_SEED = 0  # the dropout pass draws its masks from a private generator with this seed
-
-
-class _Collector:
-    """Exact pooled moments of every BN layer's input for one way of running the model."""
-
-    def __init__(self, layers: Sequence[tuple[str, _BatchNorm]]) -> None:
-        self.states = []
-        for name, module in layers:
-            state = _Layer(name, module, None)
-            device = module.running_mean.device  # type: ignore[union-attr]
-            device = device if device.type != "mps" else torch.device("cpu")  # no float64 on MPS
-            state.pooled = Moments.empty(module.num_features, device)
-            self.states.append(state)
-        self.order: dict[str, int] = {}
-
-    @contextlib.contextmanager
-    def hooks(self, track_order: bool = False) -> Iterator[None]:
-        handles = []
-        try:
-            for state in self.states:
-                pre, post = _make_hooks(state)
-                if track_order:
-                    handles.append(state.module.register_forward_pre_hook(self._order_hook(state)))
-                handles.append(state.module.register_forward_pre_hook(pre))
-                handles.append(state.module.register_forward_hook(post))
-            yield
-        finally:
-            for handle in handles:
-                handle.remove()
-
-    def _order_hook(self, state: _Layer) -> Any:
-        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
-            self.order.setdefault(state.name, len(self.order))
-
-        return hook
-
-    def commit(self, index: int) -> None:
-        _commit(self.states, index)
-
-    def discard(self) -> None:
-        for state in self.states:
-            state.pending.clear()
-            state.n_current = 0
-            state.from_input = None
-
-    def stats(self) -> list[Optional[tuple[Tensor, Tensor]]]:
-        """Per layer ``(mean, unbiased var)`` in float64, None for a layer that saw no data."""
-        out: list[Optional[tuple[Tensor, Tensor]]] = []
-        for state in self.states:
-            moments = state.pooled
-            if state.calls == 0 or moments.n == 0:
-                out.append(None)
-            else:
-                var = moments.var() if moments.n > 1 else torch.zeros_like(moments.mean)
-                out.append((moments.mean, var))
-        return out
-
-
-@contextlib.contextmanager
-def _batch_stats(model: nn.Module, modules: list[_BatchNorm], dropout: bool) -> Iterator[None]:
-    """BN on batch statistics with momentum 1 (the hooks read the buffers), all restored after."""
-    with bn_mode(model, modules, dropout=dropout, momentum=1.0):
-        for m in modules:  # finite starting values: 0 * NaN would poison the momentum-1 update
-            m.running_mean.zero_()  # type: ignore[union-attr]
-            m.running_var.fill_(1.0)  # type: ignore[union-attr]
-        yield
-
-
-@contextlib.contextmanager
-def _private_rng(device: torch.device, seed: int) -> Iterator[None]:
-    """A seeded RNG for the dropout masks; the caller's CPU (and CUDA device's) stream is restored."""
-    devices = []
-    if device.type == "cuda":
-        devices = [device.index if device.index is not None else torch.cuda.current_device()]
-    with torch.random.fork_rng(devices=devices):
-        torch.default_generator.manual_seed(seed)
-        for index in devices:
-            with torch.cuda.device(index):
-                torch.cuda.manual_seed(seed)
-        yield
-
-
-def _kl(train_out: Tensor, eval_out: Tensor) -> Optional[tuple[float, int]]:
-    """Summed ``KL(softmax(train) || softmax(eval))`` over dim 1, and the number of positions."""
-    if train_out.dim() < 2 or train_out.shape[1] < 2 or not train_out.is_floating_point():
-        return None
-    log_p = F.log_softmax(train_out.double(), dim=1)
-    log_q = F.log_softmax(eval_out.double(), dim=1)
-    kl = (log_p.exp() * (log_p - log_q)).sum(dim=1)
-    return float(kl.sum()), kl.numel()
-
-
-class _Pair:
-    """Exact counts for two ways of running the same batches, and the gap between them."""
-
-    def __init__(self) -> None:
-        self.counts = (_Counts((1,)), _Counts((1,)))
-        self.gap = _Gap()
-        self.kl_sum = 0.0
-        self.kl_n = 0
-
-    def add(self, reference: Tensor, other: Tensor, target: Any) -> None:
-        """``reference``: the outputs taken as right (train-mode BN, exact statistics)."""
-        labels = target if isinstance(target, Tensor) else None
-        self.counts[0].add(reference, labels)
-        self.counts[1].add(other, labels)
-        self.gap.add(other, reference)
-        kl = _kl(reference, other)
-        if kl is not None:
-            self.kl_sum, self.kl_n = self.kl_sum + kl[0], self.kl_n + kl[1]
-
-    @property
-    def kl(self) -> Optional[float]:
-        return self.kl_sum / self.kl_n if self.kl_n else None
-
-
-@contextlib.contextmanager
-def _written(layers: Sequence[tuple[str, _BatchNorm]], stats: Sequence[Any]) -> Iterator[None]:
-    """The given statistics in the running buffers meanwhile; the old ones copied back after."""
-    saved = []
-    try:
-        for (_, module), new in zip(layers, stats):
-            if new is None or not (torch.isfinite(new[0]).all() and torch.isfinite(new[1]).all()):
-                continue
-            mean, var = module.running_mean, module.running_var
-            assert mean is not None and var is not None
-            saved.append((mean, mean.clone()))
-            saved.append((var, var.clone()))
-            mean.copy_(new[0])
-            var.copy_(new[1])
-        yield
-    finally:
-        for buffer, value in saved:
-            buffer.copy_(value)
 
 
 def _check(model: Any, loader: Any, reference: Any, num_batches: Any, forward_fn: Any) -> None:
@@ -261,8 +137,9 @@ def diagnose(
 
     * layer drift (worse of channel-mean shift in stds and channel-mean |log var ratio|):
       noise below 0.1, large from 0.5;
-    * outputs: large gap if top-1 agreement < 0.90 or KL(train||eval) > 0.1, moderate if
-      agreement < 0.98 or KL > 0.02 (relative output gap 0.3 / 0.1 for non-score outputs);
+    * outputs, eval vs eval with the exact statistics: large gap if top-1 agreement < 0.85 or
+      KL > 0.1 nats, moderate if agreement < 0.95 or KL > 0.02 (relative output gap 0.5 / 0.25
+      for non-score outputs);
     * dropout: ``var_on / var_off`` beyond 1.1 (or below 1/1.1) counts, from 1.5 is large;
     * confidence: high = large measure and at least moderate gap, or measure above noise and a
       large gap; medium = large measure with agreeing outputs, or a moderate gap; low otherwise.
@@ -274,7 +151,10 @@ def diagnose(
 
     Args:
         model: the model (possibly wrapped); never moved.
-        loader: the data eval mode disappoints on (deployment-like). Iterated once.
+        loader: the data eval mode disappoints on (deployment-like). Iterated twice when it is
+            re-iterable (the second pass gives the exact-statistics outputs), once for a
+            one-shot iterator (then ``Diagnosis.exact`` is None and the confidence rests on
+            the train-mode-BN gap).
         reference: optional training-like data, iterated once; lets the verdict tell stale
             running statistics from a distribution shift.
         num_batches: at most this many batches of each loader (None: all).
@@ -299,8 +179,8 @@ def diagnose(
     layers = bn_layers(model)
     modules = [module for _, module in layers]
     has_dropout = bool(dropout_layers(model))
-    off, on = _Collector(layers), _Collector(layers)
-    train_vs_eval = _Pair()
+    off, on = Collector(layers), Collector(layers)
+    train_vs_eval = Pair()
     used = skipped = samples = 0
     total = len(loader) if hasattr(loader, "__len__") else None  # type: ignore[arg-type]
     if total is not None and num_batches is not None:
@@ -314,11 +194,11 @@ def diagnose(
             try:
                 with bn_mode(model, []):
                     eval_out = output_tensor(forward(model, moved)).detach()
-                with _batch_stats(model, modules, dropout=False), off.hooks(track_order=True):
+                with batch_stats(model, modules, dropout=False), off.hooks(track_order=True):
                     train_out = output_tensor(forward(model, moved)).detach()
                 if has_dropout:
-                    rng = _private_rng(where, _DROPOUT_SEED + index)
-                    with rng, _batch_stats(model, modules, dropout=True), on.hooks():
+                    rng = private_rng(where, _DROPOUT_SEED + index)
+                    with rng, batch_stats(model, modules, dropout=True), on.hooks():
                         forward(model, moved)
             except SkipBatch:
                 off.discard()
@@ -337,17 +217,17 @@ def diagnose(
             + "; pass a loader with at least one batch of two or more samples"
         )
 
-    ref = _Collector(layers)
+    ref = Collector(layers)
     ref_used = 0
     if reference is not None:
         for index, batch in enumerate(itertools.islice(reference, num_batches)):
             ref_rng: contextlib.AbstractContextManager[None] = (
-                _private_rng(where, _DROPOUT_SEED + index)
+                private_rng(where, _DROPOUT_SEED + index)
                 if has_dropout
                 else contextlib.nullcontext()
             )
             try:
-                with ref_rng, _batch_stats(model, modules, dropout=has_dropout), ref.hooks():
+                with ref_rng, batch_stats(model, modules, dropout=has_dropout), ref.hooks():
                     forward(model, to_device(batch, where))
             except SkipBatch:
                 ref.discard()
@@ -360,16 +240,16 @@ def diagnose(
                 "training-like data with batches of two or more samples"
             )
 
-    exact_vs_eval: Optional[_Pair] = None
+    exact_vs_eval: Optional[Pair] = None
     if not isinstance(loader, Iterator):  # a second pass needs a re-iterable loader
-        exact_vs_eval = _Pair()
+        exact_vs_eval = Pair()
         stats = off.stats()
         for batch in itertools.islice(loader, num_batches):
             target = default_target(batch)
             moved = to_device(batch, where)
             with bn_mode(model, []):
                 eval_out = output_tensor(forward(model, moved)).detach()
-                with _written(layers, stats):
+                with written(layers, stats):
                     exact_out = output_tensor(forward(model, moved)).detach()
             exact_vs_eval.add(exact_out, eval_out, target)
 
@@ -432,9 +312,9 @@ def diagnose(
 
 def _layer_drifts(
     layers: Sequence[tuple[str, _BatchNorm]],
-    off: _Collector,
-    on: Optional[_Collector],
-    ref: Optional[_Collector],
+    off: Collector,
+    on: Optional[Collector],
+    ref: Optional[Collector],
     warnings: list[str],
 ) -> list[LayerDrift]:
     """Turn the pooled moments into one :class:`LayerDrift` per layer."""
