@@ -6,11 +6,14 @@ The public surface::
     result = bnfix.evaluate(model, loader, bn="train")      # exact top-k / loss counts
     comparison = bnfix.compare(model, calib_loader, val_loader)
     bnfix.bn_layers(model)                                  # what recalibrate touches
+    diagnosis = bnfix.diagnose(model, loader)               # why eval is worse, nothing changed
 """
 
 from __future__ import annotations
 
 from bnfix.core import recalibrate
+from bnfix.diagnose import diagnose
+from bnfix.diagnosis_report import Diagnosis
 from bnfix.errors import BnfixError, BnfixWarning
 from bnfix.evaluate import compare, evaluate
 from bnfix.layers import bn_layers
@@ -22,12 +25,14 @@ __all__ = [
     "BnfixError",
     "BnfixWarning",
     "Comparison",
+    "Diagnosis",
     "Evaluation",
     "LayerReport",
     "Report",
     "__version__",
     "bn_layers",
     "compare",
+    "diagnose",
     "evaluate",
     "recalibrate",
 ]
