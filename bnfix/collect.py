@@ -22,10 +22,10 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from bnfix.layers import SkipBatch, elements_per_channel
+from bnfix.layers import SkipBatch, bn_mode, elements_per_channel
 from bnfix.stats import Moments, RowBuffer, SpreadTracker, ema_rows, moments_of, pool_rows
 
-__all__ = ["Collector", "LayerStats"]
+__all__ = ["Collector", "LayerStats", "batch_stats"]
 
 logger = logging.getLogger(__name__)
 
@@ -215,3 +215,13 @@ class Collector:
                 var = moments.var() if moments.n > 1 else torch.zeros_like(moments.mean)
                 out.append((moments.mean, var))
         return out
+
+
+@contextlib.contextmanager
+def batch_stats(model: nn.Module, modules: list[_BatchNorm], dropout: bool) -> Iterator[None]:
+    """BN on batch statistics with momentum 1 (the hooks read the buffers), all restored after."""
+    with bn_mode(model, modules, dropout=dropout, momentum=1.0):
+        for m in modules:  # finite starting values: 0 * NaN would poison the momentum-1 update
+            m.running_mean.zero_()  # type: ignore[union-attr]
+            m.running_var.fill_(1.0)  # type: ignore[union-attr]
+        yield

@@ -39,17 +39,17 @@ from bnfix.batches import (
     model_device,
     to_device,
 )
-from bnfix.collect import Collector
+from bnfix.collect import Collector, batch_stats
 from bnfix.errors import BnfixError
 from bnfix.layers import (
     LayerSelector,
     SkipBatch,
-    bn_mode,
     check_lazy,
     select_layers,
     skipped_norm_layers,
 )
 from bnfix.report import LayerReport, Report
+from bnfix.stats import drift
 
 __all__ = ["recalibrate", "validate_options"]
 
@@ -125,15 +125,6 @@ def _layer_momentum(
             return 0.1
         return float(own)
     return float(momentum)
-
-
-def _drift(
-    old_mean: Tensor, old_var: Tensor, new_mean: Tensor, new_var: Tensor, eps: float
-) -> tuple[float, ...]:
-    old_mean, old_var = old_mean.to(torch.float64), old_var.to(torch.float64)
-    shift = (new_mean - old_mean).abs() / (new_var + eps).sqrt()
-    logvar = ((new_var + eps) / (old_var + eps)).log().abs()
-    return (float(shift.mean()), float(shift.max()), float(logvar.mean()), float(logvar.max()))
 
 
 @torch.no_grad()
@@ -227,10 +218,7 @@ def recalibrate(
     mixed_batch = False
     start = time.perf_counter()
     try:
-        with bn_mode(model, modules, dropout=dropout, momentum=1.0), collector.hooks():
-            for m in modules:  # finite starting values: 0 * NaN would poison the momentum-1 update
-                m.running_mean.zero_()  # type: ignore[union-attr]
-                m.running_var.fill_(1.0)  # type: ignore[union-attr]
+        with batch_stats(model, modules, dropout=dropout), collector.hooks():
             bar = _progress(loader, limit, progress)
             for index, batch in enumerate(itertools.islice(loader, limit)):
                 target = default_target(batch)
@@ -333,9 +321,9 @@ def recalibrate(
     ):
         module = layer.module
         if stats is None:
-            drift = (0.0, 0.0, 0.0, 0.0)
+            moved = (0.0, 0.0, 0.0, 0.0)
         else:
-            drift = _drift(
+            moved = drift(
                 old_mean.to(stats[0].device),
                 old_var.to(stats[0].device),
                 stats[0],
@@ -351,10 +339,10 @@ def recalibrate(
                 batches=count,
                 path="unused" if stats is None else layer.path if layer.path != "check" else "fast",
                 momentum=layer.momentum,
-                mean_shift=drift[0],
-                mean_shift_max=drift[1],
-                log_var_ratio=drift[2],
-                log_var_ratio_max=drift[3],
+                mean_shift=moved[0],
+                mean_shift_max=moved[1],
+                log_var_ratio=moved[2],
+                log_var_ratio_max=moved[3],
             )
         )
 

@@ -74,11 +74,13 @@ from bnfix.batches import (
     output_tensor,
     to_device,
 )
-from bnfix.core import _drift, validate_options
+from bnfix.collect import Collector, batch_stats
+from bnfix.core import validate_options
 from bnfix.diagnosis_report import Diagnosis, LayerDrift
 from bnfix.errors import BnfixError
 from bnfix.layers import SkipBatch, bn_layers, bn_mode, check_lazy, dropout_layers
-from bnfix.probes import Collector, Pair, batch_stats, private_rng, written
+from bnfix.probes import Pair, private_rng, written
+from bnfix.stats import drift
 from bnfix.verdict import THRESHOLDS, decide
 
 __all__ = ["diagnose"]
@@ -111,7 +113,7 @@ def _ratio(on: tuple[Tensor, Tensor], off: tuple[Tensor, Tensor], eps: float) ->
 
 
 def _score(old: Tensor, old_var: Tensor, new: tuple[Tensor, Tensor], eps: float) -> float:
-    shift, _, logvar, _ = _drift(old.to(new[0].device), old_var.to(new[0].device), *new, eps)
+    shift, _, logvar, _ = drift(old.to(new[0].device), old_var.to(new[0].device), *new, eps)
     return max(math.inf if math.isnan(v) else v for v in (shift, logvar))
 
 
@@ -343,7 +345,7 @@ def _layer_drifts(
         if not (torch.isfinite(data[0]).all() and torch.isfinite(data[1]).all()):
             warnings.append(f"the data gives non-finite statistics in {name} (NaN/inf upstream?)")
         dev = data[0].device
-        shift, shift_max, logvar, logvar_max = _drift(
+        shift, shift_max, logvar, logvar_max = drift(
             run_mean.to(dev), run_var.to(dev), data[0], data[1], eps
         )
         extra: dict[str, Any] = {}

@@ -2,8 +2,8 @@
 
 The pieces :func:`bnfix.diagnose` is built from. Every change of model state happens inside
 :func:`bnfix.layers.bn_mode` or :func:`written` (both restore in ``finally``) and every hook is
-removed in a ``finally``; the pooled moments come from the same hooks :func:`bnfix.recalibrate`
-uses (``bnfix.core``: the fast path reads the layer's own momentum-1 batch statistics, with a
+removed in a ``finally``; the pooled moments come from :class:`bnfix.collect.Collector`, as in
+:func:`bnfix.recalibrate` (the fast path reads the layer's own momentum-1 batch statistics, with a
 checked fallback to the input's moments), merged in float64 with Chan's formula.
 """
 
@@ -15,84 +15,12 @@ from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from bnfix.core import _commit, _Layer, _make_hooks
 from bnfix.evaluate import _Counts, _Gap
-from bnfix.layers import bn_mode
-from bnfix.stats import Moments
 
-__all__ = ["Collector", "Pair", "batch_stats", "kl_divergence", "private_rng", "written"]
-
-
-class Collector:
-    """Exact pooled moments of every BN layer's input for one way of running the model."""
-
-    def __init__(self, layers: Sequence[tuple[str, _BatchNorm]]) -> None:
-        self.states = []
-        for name, module in layers:
-            state = _Layer(name, module, None)
-            device = module.running_mean.device  # type: ignore[union-attr]
-            device = device if device.type != "mps" else torch.device("cpu")  # no float64 on MPS
-            state.pooled = Moments.empty(module.num_features, device)
-            self.states.append(state)
-        self.order: dict[str, int] = {}
-
-    @contextlib.contextmanager
-    def hooks(self, track_order: bool = False) -> Iterator[None]:
-        """Collect while inside (run under :func:`batch_stats`); optionally record call order."""
-        handles = []
-        try:
-            for state in self.states:
-                pre, post = _make_hooks(state)
-                if track_order:
-                    handles.append(state.module.register_forward_pre_hook(self._order_hook(state)))
-                handles.append(state.module.register_forward_pre_hook(pre))
-                handles.append(state.module.register_forward_hook(post))
-            yield
-        finally:
-            for handle in handles:
-                handle.remove()
-
-    def _order_hook(self, state: _Layer) -> Any:
-        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
-            self.order.setdefault(state.name, len(self.order))
-
-        return hook
-
-    def commit(self, index: int) -> None:
-        """Merge the moments of the batch just run into the pooled ones."""
-        _commit(self.states, index)
-
-    def discard(self) -> None:
-        """Drop a skipped batch's partial moments, so no layer counts part of it."""
-        for state in self.states:
-            state.pending.clear()
-            state.n_current = 0
-            state.from_input = None
-
-    def stats(self) -> list[Optional[tuple[Tensor, Tensor]]]:
-        """Per layer ``(mean, unbiased var)`` in float64, None for a layer that saw no data."""
-        out: list[Optional[tuple[Tensor, Tensor]]] = []
-        for state in self.states:
-            moments = state.pooled
-            if state.calls == 0 or moments.n == 0:
-                out.append(None)
-            else:
-                var = moments.var() if moments.n > 1 else torch.zeros_like(moments.mean)
-                out.append((moments.mean, var))
-        return out
-
-
-@contextlib.contextmanager
-def batch_stats(model: nn.Module, modules: list[_BatchNorm], dropout: bool) -> Iterator[None]:
-    """BN on batch statistics with momentum 1 (the hooks read the buffers), all restored after."""
-    with bn_mode(model, modules, dropout=dropout, momentum=1.0):
-        for m in modules:  # finite starting values: 0 * NaN would poison the momentum-1 update
-            m.running_mean.zero_()  # type: ignore[union-attr]
-            m.running_var.fill_(1.0)  # type: ignore[union-attr]
-        yield
+__all__ = ["Pair", "kl_divergence", "private_rng", "written"]
 
 
 @contextlib.contextmanager

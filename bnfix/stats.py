@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["Moments", "RowBuffer", "SpreadTracker", "ema_rows", "moments_of", "pool_rows"]
+__all__ = ["Moments", "RowBuffer", "SpreadTracker", "drift", "ema_rows", "moments_of", "pool_rows"]
 
 
 @dataclass(frozen=True)
@@ -208,3 +208,19 @@ class SpreadTracker:
         rel_mean = se_mean / (var + eps).sqrt()
         rel_var = se_var / (var + eps)
         return float(torch.maximum(rel_mean, rel_var).max())
+
+
+def drift(
+    old_mean: Tensor, old_var: Tensor, new_mean: Tensor, new_var: Tensor, eps: float
+) -> tuple[float, ...]:
+    """How far new statistics moved from old ones, in units that matter to the layer's output.
+
+    Returns ``(mean shift, max mean shift, |log var ratio|, max |log var ratio|)`` over channels:
+    the mean shift is ``|new mean - old mean| / sqrt(new var + eps)`` (how many standard deviations
+    the normalized activations move) and the log variance ratio is
+    ``|log((new var + eps) / (old var + eps))|`` (by how much their scale is off).
+    """
+    old_mean, old_var = old_mean.to(torch.float64), old_var.to(torch.float64)
+    shift = (new_mean - old_mean).abs() / (new_var + eps).sqrt()
+    logvar = ((new_var + eps) / (old_var + eps)).log().abs()
+    return (float(shift.mean()), float(shift.max()), float(logvar.mean()), float(logvar.max()))
