@@ -104,19 +104,21 @@ def captured_bn_inputs(
     batches: Iterable[Tensor],
     *,
     train_bn: bool = True,
+    only: Iterable[str] | None = None,
     forward: Any = None,
 ) -> dict[str, list[np.ndarray]]:
     """Inputs of every BN layer of a deep copy, per call, in float64 (plain torch hooks).
 
     The copy runs everything in eval mode except the BN layers (batch statistics), as the spec
     says the calibration pass does; its running statistics are irrelevant to the captured inputs.
+    With ``only``, just those BN layers run on batch statistics (the others in eval mode).
     """
     twin = copy.deepcopy(model).eval()
     seen: dict[str, list[np.ndarray]] = {}
     handles = []
     for name, m in twin.named_modules():
         if isinstance(m, _BatchNorm):
-            m.train(train_bn)
+            m.train(train_bn and (only is None or name in set(only)))
             seen[name] = []
 
             def hook(mod: nn.Module, args: tuple[Any, ...], name: str = name) -> None:
@@ -140,7 +142,9 @@ def pooled(arrays: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     return ref_moments(np.concatenate(flats, axis=1)[None])  # (1, C, total)
 
 
-def _bits(t: Tensor) -> bytes:
+def _bits(t: Tensor) -> bytes | None:
+    if isinstance(t, nn.parameter.UninitializedTensorMixin):
+        return None  # an uninitialized lazy parameter or buffer has no values yet
     return t.detach().cpu().contiguous().numpy().tobytes()
 
 
@@ -154,22 +158,36 @@ def snapshot(model: nn.Module) -> dict[str, Any]:
             n: m.momentum for n, m in model.named_modules() if isinstance(m, _BatchNorm)
         },
         "attrs": {n: set(m.__dict__) for n, m in model.named_modules()},
+        "hooks": hook_state(model),
+    }
+
+
+_HOOK_DICTS = (
+    "_forward_hooks",
+    "_forward_pre_hooks",
+    "_backward_hooks",
+    "_backward_pre_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_pre_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_state_dict_hooks",
+    "_load_state_dict_pre_hooks",
+)
+
+
+def hook_state(model: nn.Module) -> dict[str, list[Any]]:
+    """Every hook registered on every module (lazy modules bring their own)."""
+    return {
+        f"{n}.{attr}": list(getattr(m, attr).items())
+        for n, m in model.named_modules()
+        for attr in _HOOK_DICTS
+        if getattr(m, attr, None)
     }
 
 
 def hooks_left(model: nn.Module) -> list[str]:
-    names = []
-    for n, m in model.named_modules():
-        for attr in (
-            "_forward_hooks",
-            "_forward_pre_hooks",
-            "_backward_hooks",
-            "_forward_hooks_with_kwargs",
-            "_forward_pre_hooks_with_kwargs",
-        ):
-            if getattr(m, attr, None):
-                names.append(f"{n}.{attr}")
-    return names
+    """Hook dicts that are not empty (for models that had no hooks to begin with)."""
+    return list(hook_state(model))
 
 
 def assert_unchanged(
@@ -194,7 +212,7 @@ def assert_unchanged(
         n: m.momentum for n, m in model.named_modules() if isinstance(m, _BatchNorm)
     } == snap["momenta"]
     assert {n: set(m.__dict__) for n, m in model.named_modules()} == snap["attrs"]
-    assert hooks_left(model) == []
+    assert hook_state(model) == snap["hooks"]
 
 
 @pytest.fixture

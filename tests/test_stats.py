@@ -20,9 +20,9 @@ def np_moments(a: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
 
 def direct(a: np.ndarray) -> Moments:
     """Moments of a (C, n) array computed here, not by bnfix (bnfix only merges them)."""
-    n, mean, m2 = np_moments(a)
-    if n == 0:
+    if a.shape[1] == 0:
         return Moments.empty(a.shape[0])
+    n, mean, m2 = np_moments(a)
     return Moments(n, torch.from_numpy(mean), torch.from_numpy(m2))
 
 
