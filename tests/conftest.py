@@ -154,9 +154,7 @@ def snapshot(model: nn.Module) -> dict[str, Any]:
         "params": {n: (p, _bits(p)) for n, p in model.named_parameters()},
         "buffers": {n: (b, _bits(b)) for n, b in model.named_buffers()},
         "flags": {n: m.training for n, m in model.named_modules()},
-        "momenta": {
-            n: m.momentum for n, m in model.named_modules() if isinstance(m, _BatchNorm)
-        },
+        "momenta": {n: m.momentum for n, m in model.named_modules() if isinstance(m, _BatchNorm)},
         "attrs": {n: set(m.__dict__) for n, m in model.named_modules()},
         "hooks": hook_state(model),
     }
@@ -208,9 +206,9 @@ def assert_unchanged(
         if n not in skip:
             assert _bits(obj) == bits, f"buffer {n} changed"
     assert {n: m.training for n, m in model.named_modules()} == snap["flags"]
-    assert {
-        n: m.momentum for n, m in model.named_modules() if isinstance(m, _BatchNorm)
-    } == snap["momenta"]
+    assert {n: m.momentum for n, m in model.named_modules() if isinstance(m, _BatchNorm)} == snap[
+        "momenta"
+    ]
     assert {n: set(m.__dict__) for n, m in model.named_modules()} == snap["attrs"]
     assert hook_state(model) == snap["hooks"]
 

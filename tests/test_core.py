@@ -19,7 +19,6 @@ from conftest import (
     captured_bn_inputs,
     hooks_left,
     make_convnet,
-    make_images,
     pooled,
     randomize_bn,
     ref_moments,
@@ -148,7 +147,9 @@ def test_forward_fn_and_device_reach_the_pass(images: Tensor) -> None:
         return model(batch["pic"])
 
     model = make_convnet()
-    bnfix.recalibrate(model, [{"pic": x} for x in split(images, SPLIT)], forward_fn=forward, device="cpu")
+    bnfix.recalibrate(
+        model, [{"pic": x} for x in split(images, SPLIT)], forward_fn=forward, device="cpu"
+    )
     assert calls == [torch.device("cpu")] * len(SPLIT)
     assert_close_stats(model.bn0, *ref_moments(images))
 
@@ -250,7 +251,9 @@ def test_nothing_else_changes_and_buffers_are_written_in_place(images: Tensor) -
     ptrs = {n: b.data_ptr() for n, b in model.named_buffers()}
     snap = snapshot(model)
     report = bnfix.recalibrate(model, split(images, SPLIT))
-    changed = [f"{n}.{k}" for n in bn_names for k in ("running_mean", "running_var", "num_batches_tracked")]
+    changed = [
+        f"{n}.{k}" for n in bn_names for k in ("running_mean", "running_var", "num_batches_tracked")
+    ]
     assert_unchanged(model, snap, except_buffers=changed)
     assert {n: b.data_ptr() for n, b in model.named_buffers()} == ptrs
     for n in changed:
@@ -268,7 +271,9 @@ def test_non_selected_bn_buffers_bit_identical(images: Tensor) -> None:
     report = bnfix.recalibrate(model, split(images, SPLIT), layers="bn1")
     assert [lr.name for lr in report.layers] == ["bn1"]
     assert_unchanged(
-        model, snap, except_buffers=["bn1.running_mean", "bn1.running_var", "bn1.num_batches_tracked"]
+        model,
+        snap,
+        except_buffers=["bn1.running_mean", "bn1.running_var", "bn1.num_batches_tracked"],
     )
     seen = captured_bn_inputs(make_convnet(), split(images, SPLIT), only=["bn1"])
     assert_close_stats(model.bn1, *pooled(seen["bn1"]))
@@ -315,7 +320,9 @@ def test_loader_raising_mid_pass_restores_everything(images: Tensor, exc: BaseEx
 
 
 @pytest.mark.parametrize(
-    "exc", [Boom("model"), KeyboardInterrupt(), ValueError("shape")], ids=["error", "interrupt", "value"]
+    "exc",
+    [Boom("model"), KeyboardInterrupt(), ValueError("shape")],
+    ids=["error", "interrupt", "value"],
 )
 def test_model_raising_mid_pass_restores_everything(images: Tensor, exc: BaseException) -> None:
     model = make_convnet()
@@ -411,7 +418,9 @@ def test_dropout_false_matches_eval_input_true_differs(images: Tensor) -> None:
     bnfix.recalibrate(model, batches, dropout=False)
     mean, var = ref_moments(reference)
     assert_close_stats(model[2], mean, var)
-    assert_unchanged(model, snap, except_buffers=["2.running_mean", "2.running_var", "2.num_batches_tracked"])
+    assert_unchanged(
+        model, snap, except_buffers=["2.running_mean", "2.running_var", "2.num_batches_tracked"]
+    )
     torch.manual_seed(1)
     bnfix.recalibrate(model, batches, dropout=True)
     got = model[2].running_var.double().numpy()
@@ -463,7 +472,10 @@ def test_layers_glob_list_callable_and_typo(images: Tensor) -> None:
     batches = split(images, SPLIT)
     model = make_convnet()
     assert [n for n, _ in bnfix.bn_layers(model)] == ["bn0", "bn1", "bn2", "bn3"]
-    assert [lr.name for lr in bnfix.recalibrate(model, batches, layers="bn[12]").layers] == ["bn1", "bn2"]
+    assert [lr.name for lr in bnfix.recalibrate(model, batches, layers="bn[12]").layers] == [
+        "bn1",
+        "bn2",
+    ]
     assert [lr.name for lr in bnfix.recalibrate(model, batches, layers=["bn3", "bn0"]).layers] == [
         "bn0",
         "bn3",
@@ -491,7 +503,9 @@ class Compiled(nn.Module):
         return self._orig_mod(x)
 
 
-@pytest.mark.parametrize("wrap", [nn.DataParallel, Compiled, lambda m: Compiled(nn.DataParallel(m))])
+@pytest.mark.parametrize(
+    "wrap", [nn.DataParallel, Compiled, lambda m: Compiled(nn.DataParallel(m))]
+)
 def test_wrappers_are_looked_through(images: Tensor, wrap: Any) -> None:
     from bnfix.layers import unwrap
 
@@ -573,7 +587,9 @@ def test_batch_of_one_with_1x1_spatial(images: Tensor) -> None:
 
 
 def test_class_sorted_loader_warns(images: Tensor) -> None:
-    sorted_loader = [(x, torch.full((x.shape[0],), i % 3)) for i, x in enumerate(split(images, SPLIT))]
+    sorted_loader = [
+        (x, torch.full((x.shape[0],), i % 3)) for i, x in enumerate(split(images, SPLIT))
+    ]
     report = bnfix.recalibrate(make_convnet(), sorted_loader)
     assert any("class-sorted" in w for w in report.warnings)
     shuffled = [(x, torch.arange(x.shape[0]) % 3) for x in split(images, SPLIT)]
@@ -644,14 +660,18 @@ def test_bn_subclass_with_own_forward_falls_back(images: Tensor, cls: type) -> N
 
 def test_sync_batchnorm_on_cpu_runs_as_local_bn(images: Tensor) -> None:
     torch.manual_seed(0)
-    model = randomize_bn(nn.Sequential(nn.SyncBatchNorm(3), nn.Conv2d(3, 4, 3), nn.SyncBatchNorm(4)))
+    model = randomize_bn(
+        nn.Sequential(nn.SyncBatchNorm(3), nn.Conv2d(3, 4, 3), nn.SyncBatchNorm(4))
+    )
     seen = captured_bn_inputs(nn.Sequential(*[_plain(m) for m in model]), split(images, SPLIT))
     snap = snapshot(model)
     report = bnfix.recalibrate(model, split(images, SPLIT))
     assert [lr.kind for lr in report.layers] == ["SyncBatchNorm"] * 2
     assert_close_stats(model[0], *ref_moments(images))
     assert_close_stats(model[2], *pooled(seen["2"]))
-    changed = [f"{i}.{k}" for i in (0, 2) for k in ("running_mean", "running_var", "num_batches_tracked")]
+    changed = [
+        f"{i}.{k}" for i in (0, 2) for k in ("running_mean", "running_var", "num_batches_tracked")
+    ]
     assert_unchanged(model, snap, except_buffers=changed)
     assert "forward" not in model[0].__dict__ and "forward" not in model[2].__dict__
 

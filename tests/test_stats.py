@@ -143,5 +143,7 @@ def test_spread_tracker_exact_on_synthetic_batches() -> None:
 
 def test_spread_tracker_ignores_tiny_batches() -> None:
     tracker = SpreadTracker()
-    tracker.add(Moments(1, torch.zeros(2, dtype=torch.float64), torch.zeros(2, dtype=torch.float64)))
+    tracker.add(
+        Moments(1, torch.zeros(2, dtype=torch.float64), torch.zeros(2, dtype=torch.float64))
+    )
     assert tracker.k == 0
