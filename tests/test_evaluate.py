@@ -29,7 +29,9 @@ def ref_counts(
     """Top-k hits (k clamped to the classes) and summed cross-entropy in float64."""
     classes = logits.shape[1]
     order = np.argsort(-logits, axis=1, kind="stable")
-    correct = {k: int((order[:, : min(k, classes)] == labels[:, None]).any(axis=1).sum()) for k in ks}
+    correct = {
+        k: int((order[:, : min(k, classes)] == labels[:, None]).any(axis=1).sum()) for k in ks
+    }
     z = logits - logits.max(axis=1, keepdims=True)
     logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
     return correct, float(-logp[np.arange(len(labels)), labels].sum())
@@ -130,7 +132,7 @@ def test_evaluate_errors(images: Tensor) -> None:
     for topk in [(), (0,), (1, True), 5]:
         with pytest.raises(ValueError, match="Expected `topk` to be a non-empty sequence"):
             bnfix.evaluate(model, [images], topk=topk)  # type: ignore[arg-type]
-    with pytest.raises(TypeError, match="Expected `model` to be a torch.nn.Module"):
+    with pytest.raises(TypeError, match=r"Expected `model` to be a torch\.nn\.Module"):
         bnfix.evaluate("model", [images])  # type: ignore[arg-type]
     with pytest.raises(BnfixError, match="yielded no batches"):
         bnfix.evaluate(model, [])

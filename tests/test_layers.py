@@ -85,7 +85,9 @@ def test_select_layers_mixed_modes_are_named() -> None:
 
 def test_select_layers_errors() -> None:
     model = make_convnet()
-    with pytest.raises(ValueError, match=r"pattern 'layer1\.\*' .* matches none; the layers are: bn0"):
+    with pytest.raises(
+        ValueError, match=r"pattern 'layer1\.\*' .* matches none; the layers are: bn0"
+    ):
         select_layers(model, "layer1.*")
     with pytest.raises(ValueError, match=r"matches none; the layers are: \(none\)"):
         select_layers(nn.Linear(2, 2), "*")
@@ -95,7 +97,9 @@ def test_select_layers_errors() -> None:
 
 def test_check_lazy() -> None:
     check_lazy(make_convnet())
-    with pytest.raises(BnfixError, match=r"Module \(root\) \(LazyBatchNorm1d\) is an uninitialized"):
+    with pytest.raises(
+        BnfixError, match=r"Module \(root\) \(LazyBatchNorm1d\) is an uninitialized"
+    ):
         check_lazy(nn.LazyBatchNorm1d())
 
 

@@ -59,7 +59,11 @@ def test_str_lists_worst_layers_first(images: Tensor) -> None:
     model.bn1.running_var.mul_(1.5)
     report = bnfix.recalibrate(model, split(images, SPLIT))
     text = str(report)
-    rows = [line.split()[0] for line in text.splitlines() if line.startswith("bn") and line.split()[1].startswith("BatchNorm")]
+    rows = [
+        line.split()[0]
+        for line in text.splitlines()
+        if line.startswith("bn") and line.split()[1].startswith("BatchNorm")
+    ]
     assert rows[:2] == ["bn2", "bn1"]
     assert sorted(rows) == ["bn0", "bn1", "bn2", "bn3"]
     assert text.startswith("bnfix: recalibrated 4 BatchNorm layer(s) (exact) on 128 samples")
@@ -98,9 +102,17 @@ def test_unused_and_skipped_are_rendered() -> None:
 
 
 def test_json_safe_and_render_table() -> None:
-    assert json_safe({"a": (1.0, math.nan), 2: {"b": math.inf}}) == {"a": [1.0, None], "2": {"b": None}}
+    assert json_safe({"a": (1.0, math.nan), 2: {"b": math.inf}}) == {
+        "a": [1.0, None],
+        "2": {"b": None},
+    }
     table = render_table(["name", "x"], [["long-name", "1"], ["n", "22"]])
-    assert table.splitlines() == ["name        x", "---------  --", "long-name   1", "n          22"]
+    assert table.splitlines() == [
+        "name        x",
+        "---------  --",
+        "long-name   1",
+        "n          22",
+    ]
 
 
 def test_evaluation_accuracy_and_json() -> None:
