@@ -385,7 +385,7 @@ def recalibrate(
                     if rse <= tol:
                         break
             bar.close()
-    except Exception:
+    except BaseException:  # KeyboardInterrupt too: the other ranks must not wait forever
         if process_group is not None:
             distributed.any_rank_failed(True, process_group)  # release the other ranks
         raise
