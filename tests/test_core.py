@@ -88,7 +88,8 @@ def test_large_mean_variance_to_rtol_1e3() -> None:
     gen = torch.Generator().manual_seed(0)
     data = 1e4 + torch.randn(128, 3, 8, 8, generator=gen)
     model = make_convnet()
-    bnfix.recalibrate(model, split(data, SPLIT))
+    report = bnfix.recalibrate(model, split(data, SPLIT))
+    assert report.layers[0].path == "fast"  # the buffer check must not reject float32 rounding
     mean, var = ref_moments(data)
     np.testing.assert_allclose(model.bn0.running_var.double().numpy(), var, rtol=1e-3)
     np.testing.assert_allclose(model.bn0.running_mean.double().numpy(), mean, rtol=1e-6)
@@ -713,3 +714,65 @@ def test_corrupt_checkpoint_with_nan_statistics_is_fixed(images: Tensor) -> None
         assert torch.isfinite(m.running_mean).all() and torch.isfinite(m.running_var).all()
     text = json.dumps(report.to_dict(), allow_nan=False)
     assert "NaN" not in text and "Infinity" not in text
+
+
+# ----------------------------------------------------------------------------------------------
+# num_batches="auto", dtypes, layouts, user hooks
+
+
+def test_auto_stops_once_the_standard_error_is_small(images: Tensor) -> None:
+    model = make_convnet()
+    batches = split(images, (8,) * 16)
+    report = bnfix.recalibrate(model, batches, num_batches="auto", tol=0.5)
+    assert 5 <= report.batches < 16
+    assert report.relative_standard_error is not None and report.relative_standard_error <= 0.5
+    assert_close_stats(model.bn0, *ref_moments(images[: 8 * report.batches]))
+    strict = bnfix.recalibrate(make_convnet(), batches, num_batches="auto", tol=1e-6)
+    assert strict.batches == 16 and strict.relative_standard_error > 1e-6
+    assert "stopped at relative standard error" in str(strict)
+
+
+def test_auto_with_only_unused_layers_runs_to_the_end(images: Tensor) -> None:
+    class Bypass(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bn = nn.BatchNorm2d(3)
+
+        def forward(self, x: Tensor) -> Tensor:
+            return x.mean()
+
+    model = Bypass()
+    snap = snapshot(model)
+    report = bnfix.recalibrate(model, split(images, (16,) * 8), num_batches="auto")
+    assert report.batches == 8 and report.unused_layers == ("bn",)
+    assert_unchanged(model, snap)
+
+
+def test_float64_model_is_exact_to_float64(images: Tensor) -> None:
+    model = make_convnet().double()
+    report = bnfix.recalibrate(model, split(images.double(), SPLIT))
+    assert [lr.path for lr in report.layers] == ["fast"] * 4
+    assert_close_stats(model.bn0, *ref_moments(images), rel=1e-12)
+
+
+def test_channels_last_input(images: Tensor) -> None:
+    model = make_convnet().to(memory_format=torch.channels_last)
+    batches = [x.contiguous(memory_format=torch.channels_last) for x in split(images, SPLIT)]
+    bnfix.recalibrate(model, batches)
+    assert_close_stats(model.bn0, *ref_moments(images))
+
+
+def test_user_hooks_survive_and_still_fire(images: Tensor) -> None:
+    model = make_convnet()
+    fired: list[str] = []
+    model.bn1.register_forward_pre_hook(lambda m, a: fired.append("pre"))
+    model.bn1.register_forward_hook(lambda m, a, o: fired.append("post"))
+    snap = snapshot(model)
+    bnfix.recalibrate(model, split(images, SPLIT))
+    assert fired == ["pre", "post"] * len(SPLIT)
+    changed = [
+        f"bn{i}.{k}"
+        for i in range(4)
+        for k in ("running_mean", "running_var", "num_batches_tracked")
+    ]
+    assert_unchanged(model, snap, except_buffers=changed)
