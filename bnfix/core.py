@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import sys
 import time
 from collections.abc import Iterable
@@ -377,9 +378,12 @@ def recalibrate(
                 bar.update(1)
                 if num_batches == "auto" and used >= _AUTO_MIN_BATCHES:
                     rse = max(
-                        layer.spread.relative_standard_error(layer.pooled, layer.module.eps)  # type: ignore[union-attr]
-                        for layer in state
-                        if layer.calls
+                        (
+                            layer.spread.relative_standard_error(layer.pooled, layer.module.eps)  # type: ignore[union-attr]
+                            for layer in state
+                            if layer.calls
+                        ),
+                        default=math.inf,  # no layer has seen data (all unused): keep going
                     )
                     bar.set_postfix(rse=f"{rse:.4f}")
                     if rse <= tol:
