@@ -243,3 +243,20 @@ def test_compare_refuses_lazy_model_before_any_work(images: Tensor) -> None:
     with pytest.raises(BnfixError, match="uninitialized lazy module"):
         bnfix.compare(model, [images], val)
     assert val.drawn == 0
+
+
+@pytest.mark.parametrize("bn", ["eval", "train"])
+def test_evaluate_restores_state_when_the_model_raises(images: Tensor, bn: str) -> None:
+    class Fail(nn.Module):
+        def forward(self, x: Tensor) -> Tensor:
+            raise error
+
+    error = RuntimeError("user model failed")
+    model = make_convnet().train()
+    model.fc2 = nn.Sequential(model.fc2, Fail())
+    model.bn1.eval()
+    snap = snapshot(model)
+    with pytest.raises(RuntimeError) as info:
+        bnfix.evaluate(model, [images], bn=bn)
+    assert info.value is error
+    assert_unchanged(model, snap)
