@@ -776,3 +776,16 @@ def test_user_hooks_survive_and_still_fire(images: Tensor) -> None:
         for k in ("running_mean", "running_var", "num_batches_tracked")
     ]
     assert_unchanged(model, snap, except_buffers=changed)
+
+
+def test_ema_from_non_finite_statistics_is_refused_with_the_right_reason(images: Tensor) -> None:
+    model = make_convnet()
+    model.bn1.running_var[2] = float("nan")
+    snap = snapshot(model)
+    with pytest.raises(
+        BnfixError, match=r"running statistics in layer bn1 before the call.*'exact'"
+    ):
+        bnfix.recalibrate(model, split(images, SPLIT), momentum=0.5)
+    assert_unchanged(model, snap)
+    bnfix.recalibrate(model, split(images, SPLIT))  # exact mode repairs them
+    assert torch.isfinite(model.bn1.running_var).all()
