@@ -443,6 +443,12 @@ def recalibrate(
         assert mean is not None and var is not None
         if not (torch.isfinite(mean).all() and torch.isfinite(var).all()):
             bad = int(layer.bad_flag) if layer.bad_flag is not None else -1
+            if bad < 0 and layer.momentum is not None:
+                raise BnfixError(
+                    f"Non-finite running statistics in layer {layer.name} before the call: an EMA "
+                    f"update (momentum={momentum!r}) starts from them and cannot repair them; use "
+                    "momentum='exact'. The model was left unchanged."
+                )
             where = f"batch {bad}" if bad >= 0 else "another rank's data"
             raise BnfixError(
                 f"Non-finite batch statistics in layer {layer.name} ({where}); check the inputs "
