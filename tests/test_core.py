@@ -451,11 +451,12 @@ class BNWithChild(nn.BatchNorm2d):
         return self.probe(super().forward(x))
 
 
-def test_only_bn_modules_switch_not_their_children(images: Tensor) -> None:
+@pytest.mark.parametrize("dropout", [False, True])
+def test_only_bn_modules_switch_not_their_children(images: Tensor, dropout: bool) -> None:
     outside = Probe()
     model = nn.Sequential(BNWithChild(3), outside).train()
     snap = snapshot(model)
-    report = bnfix.recalibrate(model, split(images, SPLIT))
+    report = bnfix.recalibrate(model, split(images, SPLIT), dropout=dropout)
     assert model[0].probe.modes == [False] * len(SPLIT)
     assert outside.modes == [False] * len(SPLIT)
     assert report.layers[0].path == "fast"
@@ -789,3 +790,32 @@ def test_ema_from_non_finite_statistics_is_refused_with_the_right_reason(images:
     assert_unchanged(model, snap)
     bnfix.recalibrate(model, split(images, SPLIT))  # exact mode repairs them
     assert torch.isfinite(model.bn1.running_var).all()
+
+
+class RenormLikeBN(nn.BatchNorm2d):
+    """Normalizes with its *running* statistics even in training (like Batch Renormalization)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.training:
+            with torch.no_grad():
+                self.running_mean.mul_(0.9).add_(0.1 * x.mean(dim=(0, 2, 3)))
+                self.running_var.mul_(0.9).add_(0.1 * x.var(dim=(0, 2, 3)))
+        return nn.functional.batch_norm(
+            x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
+        )
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="known limitation: the pass resets every selected layer's buffers to 0/1 and runs it "
+    "at momentum 1, so a subclass that normalizes with its running buffers in training feeds "
+    "different activations to the layers after it",
+)
+def test_layers_after_a_renorm_like_subclass(images: Tensor) -> None:
+    torch.manual_seed(0)
+    model = randomize_bn(nn.Sequential(RenormLikeBN(3), nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
+    batches = split(images, SPLIT)
+    seen = captured_bn_inputs(model, batches)
+    report = bnfix.recalibrate(model, batches)
+    assert report.layers[0].path == "fallback"
+    assert_close_stats(model[2], *pooled(seen["2"]))
