@@ -302,6 +302,12 @@ def recalibrate(
         assert mean is not None and var is not None
         if not (torch.isfinite(mean).all() and torch.isfinite(var).all()):
             bad = layer.first_bad
+            if bad is None and layer.momentum is not None:
+                raise BnfixError(
+                    f"Non-finite running statistics in layer {layer.name} before the call: an EMA "
+                    f"update (momentum={momentum!r}) starts from them and cannot repair them; use "
+                    "momentum='exact'. The model was left unchanged."
+                )
             where = f"batch {bad}" if bad is not None else "another rank's data"
             raise BnfixError(
                 f"Non-finite batch statistics in layer {layer.name} ({where}); check the inputs "

@@ -31,7 +31,14 @@ from bnfix.batches import (
 )
 from bnfix.core import recalibrate, validate_options
 from bnfix.errors import BnfixError
-from bnfix.layers import SkipBatch, bn_mode, elements_per_channel, named_modules
+from bnfix.layers import (
+    SkipBatch,
+    bn_mode,
+    check_lazy,
+    elements_per_channel,
+    named_modules,
+    select_layers,
+)
 from bnfix.report import Comparison, Evaluation
 
 __all__ = ["compare", "evaluate"]
@@ -261,6 +268,10 @@ def compare(
         if k in ("num_batches", "momentum", "tol", "process_group", "forward_fn")
     }
     validate_options(model, **options)
+    # What recalibrate would refuse after the first evaluation pass, refuse now: a typo in
+    # `layers`, or lazy modules (the evaluation pass would silently materialize them).
+    check_lazy(model)
+    select_layers(model, recalibrate_kwargs.get("layers"))
     require_reiterable(calib_loader, "calib_loader")
     require_reiterable(val_loader, "val_loader")
     ks = _check_topk(topk)
