@@ -210,9 +210,10 @@ def _commit(layers: list[_Layer], batch_index: int) -> None:
     for layer in layers:
         for moments in layer.pending:
             layer.calls += 1
-            if layer.momentum is None:
-                layer.pooled = layer.pooled.merge(moments)
-            else:
+            # Pooled moments are kept in every mode: they are the exact statistics, and in EMA
+            # mode they still give the report its element count and num_batches="auto" its scale.
+            layer.pooled = layer.pooled.merge(moments)
+            if layer.momentum is not None:
                 assert layer.mean is not None and layer.var is not None
                 layer.mean, layer.var = ema_fold(layer.mean, layer.var, moments, layer.momentum)
             bad = ~(torch.isfinite(moments.mean).all() & torch.isfinite(moments.m2).all())
@@ -377,9 +378,12 @@ def recalibrate(
                 bar.update(1)
                 if num_batches == "auto" and used >= _AUTO_MIN_BATCHES:
                     rse = max(
-                        layer.spread.relative_standard_error(layer.pooled, layer.module.eps)  # type: ignore[union-attr]
-                        for layer in state
-                        if layer.calls
+                        (
+                            layer.spread.relative_standard_error(layer.pooled, layer.module.eps)  # type: ignore[union-attr]
+                            for layer in state
+                            if layer.calls
+                        ),
+                        default=float("inf"),  # no layer has seen data yet: keep going
                     )
                     bar.set_postfix(rse=f"{rse:.4f}")
                     if rse <= tol:
