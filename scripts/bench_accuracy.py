@@ -53,20 +53,20 @@ def main() -> None:
                     fixed = _bench.apply(method, scenario.model, loader)
                     cell.setdefault(name, []).append(_bench.top1(fixed, val))
 
-    headers = ["scenario", "calib bs", "before", "train-BN", *names, "bnfix vs best peer"]
+    headers = ["scenario", "calib bs", "before", "train-BN", *names, "bnfix − best peer (paired)"]
     rows = []
     for (scenario_name, bs), cell in results.items():
-        ours, ours_sd = _bench.mean_sd(cell["bnfix"])
-        peers = {n: _bench.mean_sd(cell[n]) for n in names if n != "bnfix"}
-        best = max(peers, key=lambda n: peers[n][0])
-        gap = 100 * (ours - peers[best][0])
-        sd = 100 * max(ours_sd, peers[best][1])
+        peers = {n: _bench.mean_sd(cell[n])[0] for n in names if n != "bnfix"}
+        best = max(peers, key=lambda n: peers[n])
+        # Paired over seeds (same model, same batches): the seed-to-seed spread cancels.
+        diffs = [100 * (a - b) for a, b in zip(cell["bnfix"], cell[best])]
+        gap, sd = _bench.mean_sd(diffs)
         if gap > sd:
-            verdict = f"better (+{gap:.1f} pp vs {best})"
+            verdict = f"better: {gap:+.2f} ± {sd:.2f} pp vs {best}"
         elif gap >= -sd:
-            verdict = f"equal within 1 sd ({gap:+.1f} pp vs {best})"
+            verdict = f"equal: {gap:+.2f} ± {sd:.2f} pp vs {best}"
         else:
-            verdict = f"WORSE ({gap:+.1f} pp vs {best})"
+            verdict = f"WORSE: {gap:+.2f} ± {sd:.2f} pp vs {best}"
         rows.append(
             [
                 scenario_name,
@@ -79,6 +79,8 @@ def main() -> None:
         f"Eval top-1 (%), mean ± sd over {len(seeds)} seed(s); validation: 400 digits; "
         f"calibration: 397 unlabelled digits; {epochs} training epochs; "
         f"torch {torch.__version__}, {args.threads} thread(s); {time.perf_counter() - start:.0f} s.",
+        "Last column: bnfix minus the best peer of that row, per seed, mean ± sd (pp); 'equal' when "
+        "within one sd.",
     ]
     if "fvcore" not in methods:
         notes.append(_bench.FVCORE_NOTE)

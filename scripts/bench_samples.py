@@ -29,7 +29,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="2 seeds, 4 training epochs")
     parser.add_argument("--scenarios", default=",".join(demo.SCENARIOS))
-    parser.add_argument("--tol", default="0.2,0.15,0.1", help="comma-separated tolerances for 'auto'")
+    parser.add_argument(
+        "--tol", default="0.2,0.15,0.1", help="comma-separated tolerances for 'auto'"
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=None, help="also write the markdown here")
     parser.add_argument("--png", default=None, help="write the plot here (needs matplotlib)")
@@ -118,7 +120,17 @@ def main() -> None:
         ax.set_xscale("log", base=2)
         ax.set_xlabel("calibration samples")
         ax.set_ylabel("eval top-1 after bnfix (%)")
-        ax.set_title("bnfix sample efficiency on load_digits (open markers: num_batches='auto')")
+        ax.set_title("bnfix on load_digits: top-1 vs calibration samples", fontsize=10)
+        ax.text(
+            0.99,
+            0.02,
+            "open markers: num_batches='auto' ("
+            + ", ".join(f"tol={t}" for t in tols)
+            + ": square, triangle, diamond)",
+            transform=ax.transAxes,
+            ha="right",
+            fontsize=7,
+        )
         ax.legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(args.png, dpi=120)
