@@ -58,9 +58,10 @@ class LayerStats:
         if self.first_bad is None and not bool(finite.all()):
             self.first_bad = tags[int((~finite).nonzero()[0, 0])]
         self.calls += len(ns)
-        if self.momentum is None:
-            self.pooled = self.pooled.merge(pool_rows(ns, means, variances))
-        else:
+        # Pooled moments are kept in every mode: they are the exact statistics, and in EMA mode
+        # they still give the report its element count and num_batches="auto" its scale.
+        self.pooled = self.pooled.merge(pool_rows(ns, means, variances))
+        if self.momentum is not None:
             assert self.mean is not None and self.var is not None
             self.mean, self.var = ema_rows(self.mean, self.var, means, variances, self.momentum)
         if self.spread is not None:
