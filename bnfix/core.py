@@ -215,7 +215,7 @@ def recalibrate(
     state = collector.states
 
     forward = forward_fn or default_forward
-    limit = None if num_batches in (None, "auto") else int(num_batches)  # type: ignore[arg-type]
+    limit = num_batches if isinstance(num_batches, int) else None
     used = samples = skipped = 0
     rse: Optional[float] = None
     labels_seen: set[int] = set()
@@ -289,21 +289,19 @@ def recalibrate(
             + "; pass a loader with at least one batch of two or more samples"
         )
 
-    new_stats = []
+    new_stats: list[Optional[tuple[Tensor, Tensor, int]]] = []
     for layer, moments, count, (_, _, old_count) in zip(state, pooled, calls, before):
         if count == 0:
             new_stats.append(None)
             continue
         if layer.momentum is None:
-            mean, var = (
-                moments.mean,
-                moments.var() if moments.n > 1 else torch.zeros_like(moments.mean),
-            )
+            mean = moments.mean
+            var = moments.var() if moments.n > 1 else torch.zeros_like(moments.mean)
             tracked = count
         else:
+            assert layer.mean is not None and layer.var is not None
             mean, var = layer.mean, layer.var
             tracked = int(old_count) + count
-        assert mean is not None and var is not None
         if not (torch.isfinite(mean).all() and torch.isfinite(var).all()):
             bad = layer.first_bad
             if bad is None and layer.momentum is not None:
@@ -394,7 +392,7 @@ def _progress(loader: Any, limit: Optional[int], enabled: bool) -> Any:
 
     total: Optional[int] = None
     try:
-        total = len(loader)  # type: ignore[arg-type]
+        total = len(loader)
     except TypeError:
         total = None
     if limit is not None:

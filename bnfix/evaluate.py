@@ -275,20 +275,23 @@ def compare(
     require_reiterable(calib_loader, "calib_loader")
     require_reiterable(val_loader, "val_loader")
     ks = _check_topk(topk)
-    common = {
-        "forward_fn": recalibrate_kwargs.get("forward_fn"),
-        "target_fn": target_fn,
-        "device": recalibrate_kwargs.get("device"),
-        "topk": ks,
-        "progress": bool(recalibrate_kwargs.get("progress", False)),
-    }
-    before, gap_before = _passes(
-        model, val_loader, ["eval", "train"], desc="bnfix evaluate (before)", **common
-    )
+
+    def both_modes(desc: str) -> tuple[dict[str, Evaluation], _Gap]:
+        return _passes(
+            model,
+            val_loader,
+            ["eval", "train"],
+            forward_fn=recalibrate_kwargs.get("forward_fn"),
+            target_fn=target_fn,
+            device=recalibrate_kwargs.get("device"),
+            topk=ks,
+            progress=bool(recalibrate_kwargs.get("progress", False)),
+            desc=desc,
+        )
+
+    before, gap_before = both_modes("bnfix evaluate (before)")
     report = recalibrate(model, calib_loader, **recalibrate_kwargs)
-    after, gap_after = _passes(
-        model, val_loader, ["eval", "train"], desc="bnfix evaluate (after)", **common
-    )
+    after, gap_after = both_modes("bnfix evaluate (after)")
     return Comparison(
         before=before["eval"],
         train_bn=before["train"],

@@ -175,7 +175,7 @@ def dropout_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 def _local_bn_forward(module: _BatchNorm) -> Callable[[Tensor], Tensor]:
     """A plain BN forward for a SyncBatchNorm: no cross-rank sync (CUDA-only, hangs on uneven data)."""
-    return types.MethodType(_BatchNorm.forward, module)  # type: ignore[return-value]
+    return types.MethodType(_BatchNorm.forward, module)
 
 
 @contextlib.contextmanager
@@ -227,18 +227,18 @@ def bn_mode(
                 if is_dropout(module):
                     module.training = True
         for module, _ in overrides:
-            module.forward = _local_bn_forward(module)  # type: ignore[method-assign]
+            module.forward = _local_bn_forward(module)  # type: ignore[method-assign,assignment]
         yield
     finally:
         with torch.no_grad():
-            for buffer, value in saved:
-                buffer.copy_(value)
+            for buffer, copy in saved:
+                buffer.copy_(copy)
         for module, previous in overrides:
             if previous is None:
                 module.__dict__.pop("forward", None)
             else:
                 module.forward = previous  # type: ignore[method-assign]
-        for module, value in momenta:
-            module.momentum = value
+        for bn, bn_momentum in momenta:
+            bn.momentum = bn_momentum
         for module, training in flags:
             module.training = training

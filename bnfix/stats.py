@@ -212,7 +212,7 @@ class SpreadTracker:
 
 def drift(
     old_mean: Tensor, old_var: Tensor, new_mean: Tensor, new_var: Tensor, eps: float
-) -> tuple[float, ...]:
+) -> tuple[float, float, float, float]:
     """How far new statistics moved from old ones, in units that matter to the layer's output.
 
     Returns ``(mean shift, max mean shift, |log var ratio|, max |log var ratio|)`` over channels:
