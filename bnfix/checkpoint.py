@@ -188,19 +188,11 @@ def load_checkpoint(
         container = _load(path, trust)
     except CheckpointError:
         raise
-    except (
-        OSError,
-        EOFError,
-        RuntimeError,
-        ValueError,
-        pickle.UnpicklingError,
-        zipfile.BadZipFile,
-        AttributeError,
-        ModuleNotFoundError,
-    ) as error:
-        first = str(error).splitlines()[0] if str(error) else type(error).__name__
+    except Exception as error:  # the unpickler raises anything on garbage: KeyError, EOFError...
+        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
         raise CheckpointError(
-            f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?): {first}"
+            f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?): "
+            f"{type(error).__name__}: {first}"
         ) from error
     return Checkpoint(path, container, *_find_weights(path, container, key), weights_only=not trust)
 
