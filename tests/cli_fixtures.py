@@ -78,7 +78,9 @@ def image_tree(
     return root
 
 
-def arrays(path: Path, n: int = 24, *, classes: Optional[int] = 10, seed: int = 0, size: int = 32) -> Path:
+def arrays(
+    path: Path, n: int = 24, *, classes: Optional[int] = 10, seed: int = 0, size: int = 32
+) -> Path:
     """A .npz with ``x`` (n, 3, size, size) float32 and, unless classes is None, ``y``."""
     rng = np.random.default_rng(seed)
     data: dict[str, Any] = {"x": rng.normal(1.0, 2.0, size=(n, 3, size, size)).astype(np.float32)}
@@ -98,4 +100,8 @@ def run_cli(*argv: Any) -> tuple[int, str, str]:
 
 def listing(folder: Path) -> dict[str, int]:
     """Every file under ``folder`` with its modification time in ns (to prove nothing was written)."""
-    return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): p.stat().st_mtime_ns
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }

@@ -52,7 +52,9 @@ def fixed(model: nn.Module) -> None:
 @pytest.mark.parametrize("key", [None, *STATE_DICT_KEYS])
 def test_finds_weights_under_every_conventional_key(tmp_path: Path, key: str | None) -> None:
     state = tiny_state()
-    container = state if key is None else {key: state, "epoch": 5, "args": argparse.Namespace(lr=0.1)}
+    container = (
+        state if key is None else {key: state, "epoch": 5, "args": argparse.Namespace(lr=0.1)}
+    )
     torch.save(container, tmp_path / "c.pt")
     checkpoint = load_checkpoint(tmp_path / "c.pt")
     assert checkpoint.key == key
@@ -95,7 +97,9 @@ def test_model_prefix_kept_when_the_model_itself_has_it(tmp_path: Path) -> None:
 
 def test_several_state_dicts_need_a_key(tmp_path: Path) -> None:
     torch.save({"state_dict": tiny_state(0), "state_dict_ema": tiny_state(1)}, tmp_path / "c.pt")
-    with pytest.raises(CheckpointError, match=r"several state_dicts \(state_dict, state_dict_ema\).*--key"):
+    with pytest.raises(
+        CheckpointError, match=r"several state_dicts \(state_dict, state_dict_ema\).*--key"
+    ):
         load_checkpoint(tmp_path / "c.pt")
     checkpoint = load_checkpoint(tmp_path / "c.pt", key="state_dict_ema")
     model = TinyNet()
@@ -107,7 +111,9 @@ def test_several_state_dicts_need_a_key(tmp_path: Path) -> None:
 
 def test_no_state_dict_names_the_keys(tmp_path: Path) -> None:
     torch.save({"weights": tiny_state(), "epoch": 1}, tmp_path / "c.pt")
-    with pytest.raises(CheckpointError, match=r"no state_dict.*weights, epoch.*look like one: weights.*--key"):
+    with pytest.raises(
+        CheckpointError, match=r"no state_dict.*weights, epoch.*look like one: weights.*--key"
+    ):
         load_checkpoint(tmp_path / "c.pt")
 
 
@@ -130,7 +136,9 @@ def test_plain_data_types_load_with_weights_only(tmp_path: Path) -> None:
 
 def test_unsafe_globals_are_named_and_need_trust(tmp_path: Path) -> None:
     torch.save({"state_dict": tiny_state(), "extra": Opaque()}, tmp_path / "c.pt")
-    with pytest.raises(CheckpointError, match=r"weights_only=True.*test_checkpoint\.Opaque.*--trust-checkpoint"):
+    with pytest.raises(
+        CheckpointError, match=r"weights_only=True.*test_checkpoint\.Opaque.*--trust-checkpoint"
+    ):
         load_checkpoint(tmp_path / "c.pt")
     checkpoint = load_checkpoint(tmp_path / "c.pt", trust=True)
     assert isinstance(checkpoint.container["extra"], Opaque) and not checkpoint.weights_only
@@ -151,7 +159,10 @@ def test_pickled_module_needs_trust_and_is_written_back_as_a_module(tmp_path: Pa
 
 def test_torchscript_is_refused_with_the_reason(tmp_path: Path) -> None:
     torch.jit.script(TinyNet()).save(str(tmp_path / "s.pt"))
-    with pytest.raises(CheckpointError, match=r"TorchScript.*no Python hooks.*momentum.*Recalibrate the source model"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"TorchScript.*no Python hooks.*momentum.*Recalibrate the source model",
+    ):
         load_checkpoint(tmp_path / "s.pt")
 
 
@@ -182,12 +193,16 @@ def test_mismatch_names_missing_unexpected_and_shapes(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match=r"missing: 5\.bias; unexpected: extra\.weight"):
         apply_state_dict(TinyNet(), load_checkpoint(tmp_path / "c.pt"))
     torch.save(tiny_state(), tmp_path / "c.pt")
-    with pytest.raises(CheckpointError, match=r"shape conflicts: 5\.weight \(checkpoint \[4, 6\], model \[7, 6\]\)"):
+    with pytest.raises(
+        CheckpointError, match=r"shape conflicts: 5\.weight \(checkpoint \[4, 6\], model \[7, 6\]\)"
+    ):
         apply_state_dict(TinyNet(num_classes=7), load_checkpoint(tmp_path / "c.pt"))
 
 
 def test_dtypes_and_other_entries_preserved(tmp_path: Path) -> None:
-    state = OrderedDict((k, v.half() if v.is_floating_point() else v) for k, v in tiny_state().items())
+    state = OrderedDict(
+        (k, v.half() if v.is_floating_point() else v) for k, v in tiny_state().items()
+    )
     optimizer = {"state": {0: {"momentum_buffer": torch.ones(3)}}, "param_groups": [{"lr": 0.1}]}
     torch.save({"model": state, "optimizer": optimizer, "epoch": 4}, tmp_path / "c.pt")
     checkpoint = load_checkpoint(tmp_path / "c.pt")
