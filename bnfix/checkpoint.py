@@ -78,7 +78,9 @@ def _safe_globals() -> list[Any]:
         for cls in vars(getattr(np, "dtypes", object)).values()
         if isinstance(cls, type) and issubclass(cls, np.dtype)
     ]
-    multiarray = getattr(getattr(np, "_core", None), "multiarray", None) or np.core.multiarray
+    # numpy 2 moved numpy.core to numpy._core (the old name still imports, with a warning)
+    multiarray = getattr(np, "_core", None) or np.core
+    multiarray = multiarray.multiarray
     for name in ("_reconstruct", "scalar"):  # pickled under numpy.core (1.x) or numpy._core (2.x)
         func = getattr(multiarray, name)
         allowed += [

@@ -292,7 +292,7 @@ def _import_builder(spec: str) -> Callable[..., Any]:
     builder = getattr(module, attr, None)
     if not callable(builder):
         fail(f"--model: {module_name} has no callable {attr!r}")
-    return builder  # type: ignore[no-any-return]
+    return builder
 
 
 def build_model(args: argparse.Namespace) -> nn.Module:
@@ -412,10 +412,10 @@ def build_calib_loader(args: argparse.Namespace, dist: Dist) -> tuple[Any, DataI
     dataset, info = load_data(
         args.calib, labelled=False, limit=limit, seed=args.seed, image=image_options(args)
     )
-    if len(dataset) < dist.world:  # type: ignore[arg-type]
+    if len(dataset) < dist.world:
         fail(
             f"--calib {args.calib} has {len(dataset)} sample(s), fewer than the {dist.world} processes"
-        )  # type: ignore[arg-type]
+        )
     loader = make_loader(
         dataset,
         batch_size=args.batch_size,
@@ -654,10 +654,9 @@ def _finish(
             fail(f"Cannot write {error.filename or out}: {error.strerror or error}")
     if args.dry_run:
         say(f"dry run: nothing written (would write {out})")
-    elif declined:
-        say(
-            f"not written: top-1 fell from {_pct(comparison.before.top1)} to {_pct(comparison.after.top1)} (--only-if-better)"
-        )  # type: ignore[union-attr]
+    elif declined and comparison is not None:
+        fell = f"{_pct(comparison.before.top1)} to {_pct(comparison.after.top1)}"
+        say(f"not written: top-1 fell from {fell} (--only-if-better)")
         return EXIT_DECLINED
     else:
         say(f"fixed checkpoint: {out}" + (f"\nreport: {report_path}" if report_path else ""))

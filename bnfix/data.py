@@ -24,7 +24,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import Tensor
@@ -34,10 +34,13 @@ from bnfix.errors import BnfixError
 
 __all__ = [
     "IMAGE_EXTENSIONS",
+    "Data",
     "DataError",
     "DataInfo",
+    "ImageFiles",
     "ImageOptions",
     "ShardSampler",
+    "TensorData",
     "image_transform",
     "load_data",
     "make_loader",
@@ -102,8 +105,8 @@ def image_transform(options: ImageOptions) -> Callable[[Any], Tensor]:
     )
 
 
-class _Images(Dataset):  # type: ignore[type-arg]
-    """Image files, optionally with labels; returns ``x`` or ``(x, y)``."""
+class ImageFiles(Dataset[Any]):
+    """Image files, optionally with labels; items are ``x`` or ``(x, y)``."""
 
     def __init__(
         self,
@@ -129,7 +132,9 @@ class _Images(Dataset):  # type: ignore[type-arg]
         return x if self.labels is None else (x, self.labels[index])
 
 
-class _Tensors(Dataset):  # type: ignore[type-arg]
+class TensorData(Dataset[Any]):
+    """Rows of a tensor ``x``, optionally with labels ``y``; items are ``x`` or ``(x, y)``."""
+
     def __init__(self, x: Tensor, y: Optional[Tensor]) -> None:
         self.x, self.y = x, y
 
@@ -138,6 +143,9 @@ class _Tensors(Dataset):  # type: ignore[type-arg]
 
     def __getitem__(self, index: int) -> Any:
         return self.x[index] if self.y is None else (self.x[index], self.y[index])
+
+
+Data = Union[ImageFiles, TensorData]
 
 
 class ShardSampler(Sampler[int]):
@@ -182,7 +190,7 @@ def _permutation(n: int, seed: int) -> list[int]:
 
 def _load_images(
     path: Path, labelled: bool, limit: Optional[int], seed: int, options: ImageOptions
-) -> tuple[Dataset, DataInfo]:  # type: ignore[type-arg]
+) -> tuple[Data, DataInfo]:
     if labelled and not any(
         p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS for p in path.iterdir()
     ):
@@ -197,7 +205,8 @@ def _load_images(
             f"Found no image files ({', '.join(IMAGE_EXTENSIONS)}) in {path}; point at a folder of "
             "images or a .npz/.pt file holding x"
         )
-    chosen, unreadable = [], 0
+    chosen: list[tuple[Path, int]] = []
+    unreadable = 0
     for index in _permutation(len(files), seed):  # scan only what will be used
         if limit is not None and len(chosen) >= limit:
             break
@@ -209,7 +218,7 @@ def _load_images(
     if not chosen:
         raise DataError(f"None of the {unreadable} image file(s) in {path} could be read")
     labels = [label for _, label in chosen] if classes else None
-    dataset = _Images([f for f, _ in chosen], labels, image_transform(options))
+    dataset = ImageFiles([f for f, _ in chosen], labels, image_transform(options))
     info = DataInfo(str(path), "images", len(chosen), bool(classes), len(classes), unreadable)
     return dataset, info
 
@@ -231,7 +240,7 @@ def _as_tensor(value: Any, name: str, path: Path) -> Tensor:
 
 def _load_tensors(
     path: Path, labelled: bool, limit: Optional[int], seed: int
-) -> tuple[Dataset, DataInfo]:  # type: ignore[type-arg]
+) -> tuple[Data, DataInfo]:
     try:
         if path.suffix.lower() == ".npz":
             import numpy as np
@@ -278,7 +287,7 @@ def _load_tensors(
     x = x[order]
     y = None if y is None else y[order]
     classes = int(y.max()) + 1 if y is not None else 0
-    return _Tensors(x, y), DataInfo(str(path), "tensors", int(x.shape[0]), y is not None, classes)
+    return TensorData(x, y), DataInfo(str(path), "tensors", int(x.shape[0]), y is not None, classes)
 
 
 def load_data(
@@ -288,7 +297,7 @@ def load_data(
     limit: Optional[int] = None,
     seed: int = 0,
     image: ImageOptions = ImageOptions(),
-) -> tuple[Dataset, DataInfo]:  # type: ignore[type-arg]
+) -> tuple[Data, DataInfo]:
     """A dataset in a seeded random order from a folder of images or a ``.npz``/``.pt`` file.
 
     Args:
@@ -315,16 +324,16 @@ def load_data(
 
 
 def make_loader(
-    dataset: Dataset,  # type: ignore[type-arg]
+    dataset: Data,
     *,
     batch_size: int,
     workers: int = 0,
     rank: int = 0,
     world_size: int = 1,
     pin_memory: bool = False,
-) -> DataLoader:  # type: ignore[type-arg]
+) -> DataLoader[Any]:
     """A re-iterable loader over ``dataset`` (already shuffled), this rank's shard only."""
-    sampler = ShardSampler(len(dataset), rank, world_size) if world_size > 1 else None  # type: ignore[arg-type]
+    sampler = ShardSampler(len(dataset), rank, world_size) if world_size > 1 else None
     return DataLoader(
         dataset,
         batch_size=batch_size,

@@ -157,6 +157,7 @@ def test_pickled_module_needs_trust_and_is_written_back_as_a_module(tmp_path: Pa
     assert torch.equal(out[1].running_var, torch.full((6,), 2.0))
 
 
+@pytest.mark.filterwarnings("ignore:.*torch.jit.script.*:FutureWarning")
 def test_torchscript_is_refused_with_the_reason(tmp_path: Path) -> None:
     torch.jit.script(TinyNet()).save(str(tmp_path / "s.pt"))
     with pytest.raises(

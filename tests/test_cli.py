@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -359,7 +360,9 @@ def _write_nobn(tmp: Path) -> str:
 
 
 def _torchscript(tmp: Path) -> Path:
-    torch.jit.script(TinyNet()).save(str(tmp / "scripted.pt"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.script is deprecated
+        torch.jit.script(TinyNet()).save(str(tmp / "scripted.pt"))
     return tmp / "scripted.pt"
 
 
