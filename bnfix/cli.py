@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import sys
+import textwrap
 import traceback
 import warnings
 from collections.abc import Sequence
@@ -73,8 +74,8 @@ class _Parser(argparse.ArgumentParser):
         fail(f"{message} (see `{self.prog} --help`)")
 
 
-class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    pass
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the exit-code epilog as written; defaults are stated in each option's help."""
 
 
 # --- options shared by subcommands -----------------------------------------------------------
@@ -118,16 +119,21 @@ def add_data_options(parser: argparse.ArgumentParser, *, calib_required: bool = 
     """--calib / --val and preprocessing."""
     group = parser.add_argument_group(
         "data",
-        "PATH is a folder of images (searched recursively; for --val, class subfolders give labels) "
-        "or a .npz/.pt file holding x (N, ...) [and integer y (N,)] used as-is. Images are "
-        "preprocessed eval-style: resize the short side to --resize, center-crop --image-size, "
-        "normalize. Order is shuffled with --seed.",
+        textwrap.fill(
+            "PATH is a folder of images (searched recursively; for --val, class subfolders give labels) "
+            "or a .npz/.pt file holding x (N, ...) [and integer y (N,)] used as-is. Images are "
+            "preprocessed eval-style: resize the short side to --resize, center-crop --image-size, "
+            "normalize. Order is shuffled with --seed.",
+            width=88,
+        ),
     )
     group.add_argument("--calib", metavar="PATH", required=calib_required, help="calibration data")
     group.add_argument(
         "--val", metavar="PATH", help="labelled data for accuracy before/after (whole set used)"
     )
-    group.add_argument("--batch-size", metavar="N", type=int, default=64)
+    group.add_argument(
+        "--batch-size", metavar="N", type=int, default=64, help="samples per batch (default: 64)"
+    )
     group.add_argument(
         "--num-batches",
         metavar="N",
@@ -139,8 +145,12 @@ def add_data_options(parser: argparse.ArgumentParser, *, calib_required: bool = 
         type=int,
         help="loader processes (default: 4 for images, 0 for tensor files)",
     )
-    group.add_argument("--seed", metavar="N", type=int, default=0, help="seeds the shuffle")
-    group.add_argument("--image-size", metavar="N", type=int, default=224, help="center-crop size")
+    group.add_argument(
+        "--seed", metavar="N", type=int, default=0, help="seeds the shuffle (default: 0)"
+    )
+    group.add_argument(
+        "--image-size", metavar="N", type=int, default=224, help="center-crop size (default: 224)"
+    )
     group.add_argument(
         "--resize",
         metavar="N",
@@ -163,14 +173,16 @@ def add_data_options(parser: argparse.ArgumentParser, *, calib_required: bool = 
         type=int,
         default=3,
         choices=(1, 3, 4),
-        help="image channels (1: grayscale)",
+        help="image channels, 1 for grayscale (default: 3)",
     )
 
 
 def add_misc_options(parser: argparse.ArgumentParser) -> None:
     """--device, --quiet, --debug."""
     group = parser.add_argument_group("misc")
-    group.add_argument("--device", default="auto", help="auto|cpu|cuda[:i]")
+    group.add_argument(
+        "--device", default="auto", help="auto|cpu|cuda[:i] (default: auto, CUDA when available)"
+    )
     group.add_argument("--quiet", action="store_true", help="print nothing but errors")
     group.add_argument("--debug", action="store_true", help="debug logging and tracebacks")
 
@@ -479,12 +491,13 @@ def add_recalibrate_command(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "recalibrate",
         help="recompute BN statistics of a checkpoint; evaluate before/after; write a fixed copy",
-        description=(
+        description=textwrap.fill(
             "Load CKPT, recompute the running statistics of its BatchNorm layers on --calib "
             "(exactly pooled by default), evaluate before and after on --val when given, and write "
             "the checkpoint with only the BN buffers replaced (same container, atomic write). "
             "Under torchrun each process takes a shard of --calib and the statistics are merged "
-            "exactly; rank 0 evaluates and writes."
+            "exactly; rank 0 evaluates and writes.",
+            width=88,
         ),
         epilog=EXIT_CODES,
         formatter_class=_Formatter,
@@ -495,7 +508,9 @@ def add_recalibrate_command(subparsers: Any) -> None:
     group.add_argument(
         "--momentum",
         default="exact",
-        help="exact (pool all data), layer (each layer's own momentum) or a float in (0, 1] (EMA from the current statistics)",
+        metavar="M",
+        help="exact (pool all data; default), layer (each layer's own momentum) or a float in "
+        "(0, 1] (EMA from the current statistics)",
     )
     group.add_argument(
         "--layers",
