@@ -1,0 +1,345 @@
+"""Loaders the command line builds from ``--calib`` / ``--val`` paths.
+
+Library users pass their own loaders; this module only serves the CLI. Two sources:
+
+* a folder of images: searched recursively for calibration (labels are not needed); for
+  validation an ImageFolder layout (one subfolder per class, sorted names → labels 0, 1, ...),
+  or a flat folder, which gives no labels;
+* a ``.npz`` / ``.pt`` file holding a tensor ``x`` (N, ...) and optionally integer labels ``y``
+  (N,), used as-is with no image transforms (audio frames, signals, tabular data, or images the
+  user preprocessed).
+
+Images get eval-style preprocessing (resize the short side, center crop, normalize), the same
+transform eval will use, so the recalibrated statistics are those eval mode sees.
+
+Order is always shuffled by a generator seeded with ``--seed``: ImageFolder order is sorted by
+class, and class-sorted batches bias every BN layer's batch statistics after the first (and the
+train-mode-BN baseline). The shuffle is a fixed permutation, so every pass over the validation set
+sees the same batches, and every rank of a multi-process run agrees on it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional, Union
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from bnfix.errors import BnfixError
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "Data",
+    "DataError",
+    "DataInfo",
+    "ImageFiles",
+    "ImageOptions",
+    "ShardSampler",
+    "TensorData",
+    "image_transform",
+    "load_data",
+    "make_loader",
+]
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+TENSOR_SUFFIXES = (".npz", ".pt", ".pth")
+
+
+class DataError(BnfixError):
+    """A ``--calib``/``--val`` path that cannot give data (missing, empty, malformed, unreadable)."""
+
+
+@dataclass(frozen=True)
+class ImageOptions:
+    """Eval-style preprocessing: resize the short side to ``resize``, center-crop ``size``, normalize."""
+
+    size: int = 224
+    resize: Optional[int] = None  # default: size * 256 / 224, the usual ImageNet ratio
+    mean: tuple[float, ...] = (0.485, 0.456, 0.406)
+    std: tuple[float, ...] = (0.229, 0.224, 0.225)
+    channels: int = 3
+
+
+@dataclass(frozen=True)
+class DataInfo:
+    """What a data path held, for the summary.
+
+    Attributes:
+        path: the path.
+        kind: "images" or "tensors".
+        samples: samples that will be used.
+        labelled: whether samples carry labels.
+        classes: number of classes (max label + 1 for tensor files), 0 without labels.
+        unreadable: image files skipped because they could not be opened.
+    """
+
+    path: str
+    kind: str
+    samples: int
+    labelled: bool
+    classes: int = 0
+    unreadable: int = 0
+
+
+def image_transform(options: ImageOptions) -> Callable[[Any], Tensor]:
+    """The eval transform: RGB/L conversion, Resize(short side), CenterCrop, ToTensor, Normalize."""
+    from torchvision import transforms
+
+    resize = options.resize or round(options.size * 256 / 224)
+    mode = {1: "L", 3: "RGB", 4: "RGBA"}[options.channels]
+    return transforms.Compose(
+        [
+            transforms.Lambda(lambda image: image.convert(mode)),
+            transforms.Resize(resize),
+            transforms.CenterCrop(options.size),
+            transforms.ToTensor(),
+            transforms.Normalize(options.mean, options.std),
+        ]
+    )
+
+
+class ImageFiles(Dataset[Any]):
+    """Image files, optionally with labels; items are ``x`` or ``(x, y)``."""
+
+    def __init__(
+        self,
+        files: Sequence[Path],
+        labels: Optional[Sequence[int]],
+        transform: Callable[[Any], Tensor],
+    ) -> None:
+        self.files = list(files)
+        self.labels = None if labels is None else list(labels)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> Any:
+        from PIL import Image
+
+        try:
+            with Image.open(self.files[index]) as image:
+                x = self.transform(image)
+        except OSError as error:  # passed the header check but the pixel data is broken
+            raise DataError(f"Cannot read image {self.files[index]}: {error}") from error
+        return x if self.labels is None else (x, self.labels[index])
+
+
+class TensorData(Dataset[Any]):
+    """Rows of a tensor ``x``, optionally with labels ``y``; items are ``x`` or ``(x, y)``."""
+
+    def __init__(self, x: Tensor, y: Optional[Tensor]) -> None:
+        self.x, self.y = x, y
+
+    def __len__(self) -> int:
+        return int(self.x.shape[0])
+
+    def __getitem__(self, index: int) -> Any:
+        return self.x[index] if self.y is None else (self.x[index], self.y[index])
+
+
+Data = Union[ImageFiles, TensorData]
+
+
+class ShardSampler(Sampler[int]):
+    """Indices ``rank, rank + world, ...``: a shard per rank, without padding.
+
+    ``DistributedSampler`` pads the shards to equal length by repeating samples (or drops the tail
+    with ``drop_last``), so the union of the shards is not the data set. Recalibration merges
+    unequal shards exactly, so the plain split gives the statistics of exactly the data one process
+    would see.
+    """
+
+    def __init__(self, length: int, rank: int, world_size: int) -> None:
+        self.indices = list(range(rank, length, world_size))
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __iter__(self) -> Any:
+        return iter(self.indices)
+
+
+def _readable(path: Path) -> bool:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            image.verify()
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError):
+        return False
+    return True
+
+
+def _image_files(folder: Path) -> list[Path]:
+    return sorted(
+        p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+    )
+
+
+def _permutation(n: int, seed: int) -> list[int]:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def _load_images(
+    path: Path, labelled: bool, limit: Optional[int], seed: int, options: ImageOptions
+) -> tuple[Data, DataInfo]:
+    if labelled and not any(
+        p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS for p in path.iterdir()
+    ):
+        classes = sorted(
+            p.name for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")
+        )
+        files = [(f, i) for i, c in enumerate(classes) for f in _image_files(path / c)]
+    else:
+        classes, files = [], [(f, -1) for f in _image_files(path)]
+    if not files:
+        raise DataError(
+            f"Found no image files ({', '.join(IMAGE_EXTENSIONS)}) in {path}; point at a folder of "
+            "images or a .npz/.pt file holding x"
+        )
+    chosen: list[tuple[Path, int]] = []
+    unreadable = 0
+    for index in _permutation(len(files), seed):  # scan only what will be used
+        if limit is not None and len(chosen) >= limit:
+            break
+        if _readable(files[index][0]):
+            chosen.append(files[index])
+        else:
+            unreadable += 1
+            logger.debug("unreadable image skipped: %s", files[index][0])
+    if not chosen:
+        raise DataError(f"None of the {unreadable} image file(s) in {path} could be read")
+    labels = [label for _, label in chosen] if classes else None
+    dataset = ImageFiles([f for f, _ in chosen], labels, image_transform(options))
+    info = DataInfo(str(path), "images", len(chosen), bool(classes), len(classes), unreadable)
+    return dataset, info
+
+
+def _as_tensor(value: Any, name: str, path: Path) -> Tensor:
+    if isinstance(value, Tensor):
+        return value
+    try:
+        import numpy as np
+
+        if isinstance(value, np.ndarray) and value.dtype != object:
+            return torch.from_numpy(np.ascontiguousarray(value))
+    except ImportError:  # pragma: no cover
+        pass
+    raise DataError(
+        f"Expected `{name}` in {path} to be an array/tensor, but got {type(value).__name__}"
+    )
+
+
+def _load_tensors(
+    path: Path, labelled: bool, limit: Optional[int], seed: int
+) -> tuple[Data, DataInfo]:
+    try:
+        if path.suffix.lower() == ".npz":
+            import numpy as np
+
+            with np.load(path, allow_pickle=False) as archive:
+                content: Any = {k: archive[k] for k in archive.files}
+        else:
+            content = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise DataError(
+            f"Cannot read {path} as a {path.suffix} data file: {str(error).splitlines()[0] if str(error) else type(error).__name__}"
+        ) from error
+    if isinstance(content, Tensor):
+        content = {"x": content}
+    if not isinstance(content, dict) or "x" not in content:
+        keys = list(content) if isinstance(content, dict) else type(content).__name__
+        raise DataError(
+            f"Expected {path} to hold an array `x` (N, ...) and optionally `y` (N,), but it holds {keys}"
+        )
+    x = _as_tensor(content["x"], "x", path)
+    if x.dim() == 0 or x.shape[0] == 0:
+        raise DataError(
+            f"Expected `x` in {path} to have a leading sample dimension with samples, but got shape {list(x.shape)}"
+        )
+    if x.dtype == torch.float64:
+        x = x.float()  # models run in float32; float64 inputs are the numpy default, not a choice
+    y = None
+    if labelled and "y" in content:
+        y = _as_tensor(content["y"], "y", path)
+        if (
+            y.dim() != 1
+            or y.shape[0] != x.shape[0]
+            or y.is_floating_point()
+            or y.dtype == torch.bool
+        ):
+            raise DataError(
+                f"Expected `y` in {path} to be integer labels of shape ({x.shape[0]},), but got "
+                f"{y.dtype} of shape {list(y.shape)}"
+            )
+        y = y.long()
+        if int(y.min()) < 0:
+            raise DataError(f"Expected labels `y` in {path} to be >= 0, but got {int(y.min())}")
+    order = torch.tensor(_permutation(x.shape[0], seed)[:limit], dtype=torch.long)
+    x = x[order]
+    y = None if y is None else y[order]
+    classes = int(y.max()) + 1 if y is not None else 0
+    return TensorData(x, y), DataInfo(str(path), "tensors", int(x.shape[0]), y is not None, classes)
+
+
+def load_data(
+    path: str | Path,
+    *,
+    labelled: bool,
+    limit: Optional[int] = None,
+    seed: int = 0,
+    image: ImageOptions = ImageOptions(),
+) -> tuple[Data, DataInfo]:
+    """A dataset in a seeded random order from a folder of images or a ``.npz``/``.pt`` file.
+
+    Args:
+        path: the folder or file.
+        labelled: read labels (class subfolders, ``y``); calibration does not need them.
+        limit: keep only the first ``limit`` samples of the shuffled order (the rest are not
+            even opened).
+        seed: seeds the shuffle.
+        image: preprocessing for images.
+
+    Raises:
+        DataError: missing path, no data, malformed file, every image unreadable.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"Data path {path} does not exist")
+    if path.is_dir():
+        return _load_images(path, labelled, limit, seed, image)
+    if path.suffix.lower() in TENSOR_SUFFIXES:
+        return _load_tensors(path, labelled, limit, seed)
+    raise DataError(
+        f"Expected {path} to be a folder of images or a .npz/.pt file, but it is a {path.suffix or 'suffix-less'} file"
+    )
+
+
+def make_loader(
+    dataset: Data,
+    *,
+    batch_size: int,
+    workers: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    pin_memory: bool = False,
+) -> DataLoader[Any]:
+    """A re-iterable loader over ``dataset`` (already shuffled), this rank's shard only."""
+    sampler = ShardSampler(len(dataset), rank, world_size) if world_size > 1 else None
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        sampler=sampler,
+        num_workers=workers,
+        pin_memory=pin_memory,
+        persistent_workers=workers > 0,
+    )
