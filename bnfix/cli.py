@@ -9,6 +9,7 @@ which :func:`main` turns into one line on stderr and exit status 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import importlib.util
 import json
@@ -19,7 +20,7 @@ import sys
 import textwrap
 import traceback
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, NoReturn, Optional
@@ -53,8 +54,6 @@ exit status:
   3    --only-if-better: top-1 after recalibration was below top-1 before; nothing was written
   130  interrupted (Ctrl-C); nothing was written, the input is untouched
 """
-
-_handler: Optional[logging.Handler] = None
 
 
 class BadInput(Exception):
@@ -722,17 +721,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def configure_logging(quiet: bool, debug: bool) -> None:
-    """Send bnfix's log to stderr (warnings that reach the printed report are not repeated)."""
-    global _handler
-    root = logging.getLogger("bnfix")
-    if _handler is not None:
-        root.removeHandler(_handler)
-    _handler = logging.StreamHandler(sys.stderr)
-    _handler.setFormatter(logging.Formatter("bnfix: %(levelname)s: %(message)s"))
-    root.addHandler(_handler)
-    root.setLevel(logging.DEBUG if debug else logging.ERROR if quiet else logging.WARNING)
-    logging.getLogger("bnfix.core").setLevel(logging.NOTSET if debug else logging.ERROR)
+@contextlib.contextmanager
+def configure_logging(quiet: bool, debug: bool) -> Iterator[None]:
+    """Send bnfix's log to stderr while a command runs; put the logging setup back afterwards.
+
+    Warnings that the printed report repeats (those of ``bnfix.core``) are not logged twice.
+    Restoring matters for ``main(argv)`` called in-process (tests, notebooks): the library's
+    loggers must not stay silenced after the command returns.
+    """
+    package, core = logging.getLogger("bnfix"), logging.getLogger("bnfix.core")
+    saved = (package.level, core.level)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("bnfix: %(levelname)s: %(message)s"))
+    package.addHandler(handler)
+    package.setLevel(logging.DEBUG if debug else logging.ERROR if quiet else logging.WARNING)
+    core.setLevel(logging.NOTSET if debug else logging.ERROR)
+    try:
+        yield
+    finally:
+        package.removeHandler(handler)
+        package.setLevel(saved[0])
+        core.setLevel(saved[1])
 
 
 def _one_line(error: BaseException) -> str:
@@ -755,9 +764,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not hasattr(args, "func"):
         parser.print_help(sys.stderr)
         return EXIT_BAD_INPUT
-    configure_logging(args.quiet, args.debug)
     try:
-        with warnings.catch_warnings():
+        with configure_logging(args.quiet, args.debug), warnings.catch_warnings():
             if args.quiet:
                 warnings.simplefilter("ignore")
             return int(args.func(args))
