@@ -7,8 +7,9 @@ element is the input, or a dict with a conventional input key.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable, Iterator, Mapping
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor, nn
@@ -25,6 +26,7 @@ __all__ = [
     "default_target",
     "model_device",
     "output_tensor",
+    "progress_bar",
     "require_reiterable",
     "to_device",
 ]
@@ -139,3 +141,20 @@ def require_reiterable(loader: Any, name: str) -> None:
             f"Expected `{name}` to be re-iterable (a DataLoader, list or Dataset), but got a "
             f"one-shot iterator ({type(loader).__name__}); pass the loader itself, not iter(loader)"
         )
+
+
+def progress_bar(loader: Any, limit: Optional[int], enabled: bool, desc: str) -> Any:
+    """A tqdm bar on stderr over at most ``limit`` batches of ``loader`` (inert when disabled).
+
+    ``len()`` is only a hint: a DataLoader over an IterableDataset has ``__len__`` but raises
+    ``TypeError`` when called, so a missing length just means a bar without a total.
+    """
+    from tqdm.auto import tqdm
+
+    try:
+        total: Optional[int] = len(loader)
+    except TypeError:
+        total = None
+    if limit is not None:
+        total = limit if total is None else min(total, limit)
+    return tqdm(total=total, disable=not enabled, file=sys.stderr, unit="batch", desc=desc)

@@ -38,7 +38,7 @@ class LayerStats:
     module: _BatchNorm
     momentum: Optional[float]  # None: exact pooling
     path: str = "check"  # check -> fast | fallback
-    pooled: Moments = field(default_factory=lambda: Moments(0, torch.zeros(0), torch.zeros(0)))
+    pooled: Moments = field(default_factory=lambda: Moments.empty(0))
     mean: Optional[Tensor] = None  # EMA state (float64)
     var: Optional[Tensor] = None
     rows: Optional[RowBuffer] = None  # this chunk's per-call statistics
@@ -213,8 +213,7 @@ class Collector:
             if state.calls == 0 or moments.n == 0:
                 out.append(None)
             else:
-                var = moments.var() if moments.n > 1 else torch.zeros_like(moments.mean)
-                out.append((moments.mean, var))
+                out.append((moments.mean, moments.unbiased_var()))
         return out
 
 

@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import itertools
 import logging
-import sys
+import numbers
 import time
 from collections.abc import Iterable
-from typing import Any, Optional, Union
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -37,9 +38,10 @@ from bnfix.batches import (
     default_forward,
     default_target,
     model_device,
+    progress_bar,
     to_device,
 )
-from bnfix.collect import Collector, batch_stats
+from bnfix.collect import Collector, LayerStats, batch_stats
 from bnfix.errors import BnfixError
 from bnfix.layers import (
     LayerSelector,
@@ -49,7 +51,7 @@ from bnfix.layers import (
     skipped_norm_layers,
 )
 from bnfix.report import LayerReport, Report
-from bnfix.stats import drift
+from bnfix.stats import Moments, drift
 
 __all__ = ["recalibrate", "validate_options"]
 
@@ -60,6 +62,9 @@ NumBatches = Union[None, int, str]
 
 _AUTO_MIN_BATCHES = 5  # a spread estimated from fewer batches is too noisy to stop on
 
+_Stats = Optional[tuple[Tensor, Tensor, int]]  # new (mean, var, num_batches_tracked), None: unused
+_Saved = tuple[Tensor, Tensor, Tensor]  # a layer's buffers before the call
+
 
 def validate_options(
     model: Any,
@@ -69,34 +74,33 @@ def validate_options(
     process_group: Any = None,
     forward_fn: Any = None,
 ) -> None:
-    """Check :func:`recalibrate`'s options up front, before any work starts."""
+    """Check :func:`recalibrate`'s options up front, before any work starts.
+
+    numpy scalars are accepted wherever a Python int or float is (``numbers.Integral/Real``).
+    """
     if not isinstance(model, nn.Module):
         raise TypeError(f"Expected `model` to be a torch.nn.Module, but got {type(model).__name__}")
-    if isinstance(num_batches, str):
-        if num_batches != "auto":
-            raise ValueError(
-                f"Expected `num_batches` to be a positive int, None or 'auto', but got {num_batches!r}"
-            )
-    elif num_batches is not None and (
-        isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches <= 0
-    ):
+    count_ok = (
+        num_batches is None
+        or num_batches == "auto"
+        or (
+            isinstance(num_batches, numbers.Integral)
+            and not isinstance(num_batches, bool)
+            and num_batches > 0
+        )
+    )
+    if not count_ok:
         raise ValueError(
             f"Expected `num_batches` to be a positive int, None or 'auto', but got {num_batches!r}"
         )
-    if isinstance(momentum, str):
-        if momentum not in ("exact", "layer"):
-            raise ValueError(
-                f"Expected `momentum` to be 'exact', 'layer' or a float in (0, 1], but got {momentum!r}"
-            )
-    elif (
-        isinstance(momentum, bool)
-        or not isinstance(momentum, (int, float))
-        or not 0 < momentum <= 1
-    ):
+    momentum_ok = momentum in ("exact", "layer") or (
+        isinstance(momentum, numbers.Real) and not isinstance(momentum, bool) and 0 < momentum <= 1
+    )
+    if not momentum_ok:
         raise ValueError(
             f"Expected `momentum` to be 'exact', 'layer' or a float in (0, 1], but got {momentum!r}"
         )
-    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol > 0:
+    if isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not tol > 0:
         raise ValueError(f"Expected `tol` to be a positive float, but got {tol!r}")
     if process_group is not None and momentum != "exact":
         raise ValueError(
@@ -105,7 +109,8 @@ def validate_options(
         )
     if process_group is not None and num_batches == "auto":
         raise ValueError(
-            "num_batches='auto' cannot be used with a `process_group`: ranks would stop at different batches"
+            "Expected a fixed `num_batches` with a `process_group`, but got 'auto': ranks would "
+            "stop at different batches; pass an int or None"
         )
     if forward_fn is not None and not callable(forward_fn):
         raise TypeError(
@@ -116,18 +121,204 @@ def validate_options(
 def _layer_momentum(
     module: _BatchNorm, momentum: Momentum, notes: list[str], name: str
 ) -> Optional[float]:
+    """The EMA momentum to replay for one layer (None: exact pooling).
+
+    ``momentum="layer"`` replays each layer's own update, but 0 (frozen) and None (PyTorch's
+    cumulative average, which depends on ``num_batches_tracked`` from training) are not EMA steps
+    one can replay meaningfully, so those layers get PyTorch's default 0.1 and the report says so.
+    """
     if momentum == "exact":
         return None
     if momentum == "layer":
         own = module.momentum
-        if not own:  # 0 or None (cumulative average): neither is an EMA step to replay
+        if not own:
             notes.append(f"{name} has momentum={own!r}; used 0.1 for its EMA update")
             return 0.1
         return float(own)
     return float(momentum)
 
 
-@torch.no_grad()
+@dataclass
+class _LabelCheck:
+    """Spots class-sorted loaders from the labels that pass by (when batches carry labels).
+
+    A sorted loader has at most (classes - 1) batches that straddle two classes; a shuffled one
+    has almost no single-class batches. So: warn when several classes were seen but at most
+    (classes - 1) batches were mixed.
+    """
+
+    classes: set[int] = field(default_factory=set)
+    mixed: int = 0
+    labelled: int = 0
+
+    def add(self, target: Any) -> None:
+        if not isinstance(target, Tensor) or target.numel() < 2 or target.is_floating_point():
+            return
+        flat = target.reshape(-1)
+        self.labelled += 1
+        self.mixed += int(bool((flat != flat[0]).any()))
+        self.classes.update(int(c) for c in (flat[0], flat[-1]))
+
+    def note(self) -> Optional[str]:
+        if (
+            len(self.classes) < 2
+            or self.mixed > len(self.classes) - 1
+            or self.labelled <= self.mixed
+        ):
+            return None
+        return (
+            f"{self.labelled - self.mixed} of {self.labelled} calibration batches hold a single "
+            "class: the loader looks class-sorted, which biases batch statistics; shuffle it "
+            "(DataLoader(..., shuffle=True))"
+        )
+
+
+@dataclass
+class _Pass:
+    """Counters of one calibration pass."""
+
+    used: int = 0
+    samples: int = 0
+    skipped: int = 0
+    rse: Optional[float] = None
+    labels: _LabelCheck = field(default_factory=_LabelCheck)
+
+
+def _run_pass(
+    model: nn.Module,
+    loader: Iterable[Any],
+    collector: Collector,
+    *,
+    limit: Optional[int],
+    auto: Optional[float],
+    dropout: bool,
+    forward: ForwardFn,
+    device: torch.device,
+    progress: bool,
+) -> _Pass:
+    """Run the calibration batches with the selected BN layers on batch statistics.
+
+    Everything is restored on exit by :func:`bnfix.collect.batch_stats` and the collector's hooks
+    context, also when the loader or the model raises. A batch on which some layer would see a
+    single element per channel is abandoned as a whole (:class:`bnfix.layers.SkipBatch`), so no
+    layer counts part of it.
+    """
+    result = _Pass()
+    modules = [state.module for state in collector.states]
+    with batch_stats(model, modules, dropout=dropout), collector.hooks():
+        with progress_bar(loader, limit, progress, "bnfix calibrate") as bar:
+            start = time.perf_counter()
+            for index, batch in enumerate(itertools.islice(loader, limit)):
+                bar.update(1)
+                result.labels.add(default_target(batch))
+                try:
+                    forward(model, to_device(batch, device))
+                except SkipBatch as skip:
+                    collector.discard()
+                    result.skipped += 1
+                    logger.debug(
+                        "skipped batch %d: %s would see one element per channel", index, skip
+                    )
+                    continue
+                collector.commit(index)
+                result.used += 1
+                result.samples += batch_size(batch)
+                rate = result.samples / max(time.perf_counter() - start, 1e-9)
+                if auto is not None and result.used >= _AUTO_MIN_BATCHES:
+                    result.rse = collector.relative_standard_error()
+                    bar.set_postfix(samples_per_s=f"{rate:.0f}", rse=f"{result.rse:.4f}")
+                    if result.rse <= auto:
+                        break
+                else:
+                    bar.set_postfix(samples_per_s=f"{rate:.0f}")
+        collector.finish()
+    return result
+
+
+def _final_stats(
+    states: list[LayerStats], pooled: list[Moments], calls: list[int], before: list[_Saved]
+) -> list[_Stats]:
+    """Each layer's new (mean, var, num_batches_tracked), None for a layer that saw no data.
+
+    Raises:
+        BnfixError: a layer's statistics are not finite (names the layer and the first batch).
+    """
+    out: list[_Stats] = []
+    for state, moments, count, (_, _, old_count) in zip(states, pooled, calls, before):
+        if count == 0:
+            out.append(None)
+            continue
+        if state.momentum is None:
+            mean, var, tracked = moments.mean, moments.unbiased_var(), count
+        else:
+            assert state.mean is not None and state.var is not None
+            mean, var, tracked = state.mean, state.var, int(old_count) + count
+        if not (torch.isfinite(mean).all() and torch.isfinite(var).all()):
+            bad = state.first_bad
+            if bad is None and state.momentum is not None:
+                raise BnfixError(
+                    f"Expected finite running statistics in layer {state.name} for an EMA update "
+                    f"(momentum={state.momentum}), but they are NaN/inf before the call and an EMA "
+                    "cannot repair them; use momentum='exact'. The model was left unchanged."
+                )
+            where = f"batch {bad}" if bad is not None else "another rank's data"
+            raise BnfixError(
+                f"Expected finite batch statistics, but layer {state.name} saw NaN/inf ({where}); "
+                "check the inputs and the layers before it. The model was left unchanged."
+            )
+        out.append((mean, var, tracked))
+    return out
+
+
+def _layer_reports(
+    states: list[LayerStats],
+    new: list[_Stats],
+    pooled: list[Moments],
+    calls: list[int],
+    before: list[_Saved],
+) -> list[LayerReport]:
+    reports = []
+    for state, stats, moments, count, (old_mean, old_var, _) in zip(
+        states, new, pooled, calls, before
+    ):
+        module = state.module
+        if stats is None:
+            moved = (0.0, 0.0, 0.0, 0.0)
+        else:
+            device = stats[0].device
+            moved = drift(old_mean.to(device), old_var.to(device), stats[0], stats[1], module.eps)
+        reports.append(
+            LayerReport(
+                name=state.name,
+                kind=type(module).__name__,
+                channels=module.num_features,
+                elements=moments.n,
+                batches=count,
+                path="unused" if stats is None else state.path,
+                momentum=state.momentum,
+                mean_shift=moved[0],
+                mean_shift_max=moved[1],
+                log_var_ratio=moved[2],
+                log_var_ratio_max=moved[3],
+            )
+        )
+    return reports
+
+
+def _write(modules: list[_BatchNorm], values: list[Optional[_Saved]]) -> None:
+    """Copy statistics into the buffers in place (never rebinding: DDP/state_dict views stay valid)."""
+    with torch.no_grad():
+        for module, value in zip(modules, values):
+            if value is not None:
+                module.running_mean.copy_(value[0])  # type: ignore[union-attr]
+                module.running_var.copy_(value[1])  # type: ignore[union-attr]
+                module.num_batches_tracked.copy_(value[2])  # type: ignore[union-attr]
+
+
+def _undoer(modules: list[_BatchNorm], before: list[_Saved]) -> Callable[[], None]:
+    return lambda: _write(modules, list(before))
+
+
 def recalibrate(
     model: nn.Module,
     loader: Iterable[Any],
@@ -187,192 +378,92 @@ def recalibrate(
     target_device = torch.device(device) if device is not None else model_device(model)
     check_lazy(model)
     selection = select_layers(model, layers)
-    notes: list[str] = []
     if process_group is None:
         distributed.warn_if_unsynced()
     ranks = distributed.world_size(process_group)
     method = "exact" if momentum == "exact" else ("layer" if momentum == "layer" else "ema")
     skipped_layers = tuple(skipped_norm_layers(model))
+    notes = list(selection.notes)
     if not selection.layers:
-        notes.append("the model has no BatchNorm layer to recalibrate; nothing was changed")
         for note in notes:
             logger.warning(note)
         return Report((), skipped_layers, method, warnings=tuple(notes), ranks=ranks)
-    if selection.eval_mode_names:
-        notes.append(
-            "these BatchNorm layers were in eval mode while others were in train mode (frozen on "
-            "purpose?); they were recalibrated too, exclude them with `layers=` if that is wrong: "
-            + ", ".join(selection.eval_mode_names)
-        )
 
     momenta = [_layer_momentum(module, momentum, notes, name) for name, module in selection.layers]
     modules = [module for _, module in selection.layers]
-    before = [
+    before: list[_Saved] = [
         (m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone())  # type: ignore[union-attr]
         for m in modules
     ]
     collector = Collector(selection.layers, momenta, auto=num_batches == "auto")
-    state = collector.states
-
-    forward = forward_fn or default_forward
-    limit = num_batches if isinstance(num_batches, int) else None
-    used = samples = skipped = 0
-    rse: Optional[float] = None
-    labels_seen: set[int] = set()
-    mixed_batch = False
     start = time.perf_counter()
     try:
-        with batch_stats(model, modules, dropout=dropout), collector.hooks():
-            bar = _progress(loader, limit, progress)
-            for index, batch in enumerate(itertools.islice(loader, limit)):
-                target = default_target(batch)
-                if (
-                    isinstance(target, Tensor)
-                    and target.numel() >= 2
-                    and not target.is_floating_point()
-                ):
-                    flat = target.reshape(-1)
-                    mixed_batch = mixed_batch or bool((flat != flat[0]).any())
-                    labels_seen.add(int(flat[0]))
-                try:
-                    forward(model, to_device(batch, target_device))
-                except SkipBatch as skip:
-                    collector.discard()
-                    skipped += 1
-                    logger.debug(
-                        "skipped batch %d: %s would see one element per channel", index, skip
-                    )
-                    bar.update(1)
-                    continue
-                collector.commit(index)
-                used += 1
-                samples += batch_size(batch)
-                bar.update(1)
-                if num_batches == "auto" and used >= _AUTO_MIN_BATCHES:
-                    rse = collector.relative_standard_error()
-                    bar.set_postfix(rse=f"{rse:.4f}")
-                    if rse <= tol:
-                        break
-            bar.close()
-            collector.finish()
+        with torch.no_grad():
+            run = _run_pass(
+                model,
+                loader,
+                collector,
+                limit=int(num_batches) if isinstance(num_batches, numbers.Integral) else None,
+                auto=float(tol) if num_batches == "auto" else None,
+                dropout=dropout,
+                forward=forward_fn or default_forward,
+                device=target_device,
+                progress=progress,
+            )
     except BaseException:  # KeyboardInterrupt too: the other ranks must not wait forever
         if process_group is not None:
-            distributed.any_rank_failed(True, process_group)  # release the other ranks
+            distributed.any_rank_failed(True, process_group)
         raise
     seconds = time.perf_counter() - start
 
-    if skipped:
-        notes.append(
-            f"skipped {skipped} batch(es) in which a layer would see a single element per channel "
-            "(batch of 1 with 1-D or 1x1 input; train-mode BatchNorm cannot normalize it)"
-        )
-    if not mixed_batch and len(labels_seen) >= 2:
-        notes.append(
-            "every calibration batch holds a single class: the loader looks class-sorted, which "
-            "biases batch statistics; shuffle it (DataLoader(..., shuffle=True))"
-        )
-
-    pooled = [layer.pooled for layer in state]
-    calls = [layer.calls for layer in state]
+    pooled = [state.pooled for state in collector.states]
+    calls = [state.calls for state in collector.states]
+    used, samples, skipped = run.used, run.samples, run.skipped
     if process_group is not None:
         if distributed.any_rank_failed(False, process_group):
             raise BnfixError(
-                "another rank failed during recalibration; statistics were left unchanged"
+                "Another rank failed during recalibration (its own traceback says why); "
+                "statistics were left unchanged on every rank"
             )
         pooled, calls, (used, samples, skipped) = distributed.gather_moments(
             pooled, calls, (used, samples, skipped), process_group
         )
     if used == 0:
         raise BnfixError(
-            "No usable calibration batch: the loader was empty"
+            "Expected at least one usable calibration batch, but the loader was empty"
             + (f" or all {skipped} batch(es) were skipped" if skipped else "")
             + "; pass a loader with at least one batch of two or more samples"
         )
+    new = _final_stats(collector.states, pooled, calls, before)
 
-    new_stats: list[Optional[tuple[Tensor, Tensor, int]]] = []
-    for layer, moments, count, (_, _, old_count) in zip(state, pooled, calls, before):
-        if count == 0:
-            new_stats.append(None)
-            continue
-        if layer.momentum is None:
-            mean = moments.mean
-            var = moments.var() if moments.n > 1 else torch.zeros_like(moments.mean)
-            tracked = count
-        else:
-            assert layer.mean is not None and layer.var is not None
-            mean, var = layer.mean, layer.var
-            tracked = int(old_count) + count
-        if not (torch.isfinite(mean).all() and torch.isfinite(var).all()):
-            bad = layer.first_bad
-            if bad is None and layer.momentum is not None:
-                raise BnfixError(
-                    f"Non-finite running statistics in layer {layer.name} before the call: an EMA "
-                    f"update (momentum={momentum!r}) starts from them and cannot repair them; use "
-                    "momentum='exact'. The model was left unchanged."
-                )
-            where = f"batch {bad}" if bad is not None else "another rank's data"
-            raise BnfixError(
-                f"Non-finite batch statistics in layer {layer.name} ({where}); check the inputs "
-                "for NaN/inf and the layers before it. The model was left unchanged."
-            )
-        new_stats.append((mean, var, tracked))
-
-    unused = [layer.name for layer, s in zip(state, new_stats) if s is None]
+    if skipped:
+        notes.append(
+            f"skipped {skipped} batch(es) in which a layer would see a single element per channel "
+            "(batch of 1 with 1-D or 1x1 input; train-mode BatchNorm cannot normalize it)"
+        )
+    sorted_note = run.labels.note()
+    if sorted_note:
+        notes.append(sorted_note)
+    if num_batches == "auto" and (run.rse is None or run.rse > tol):
+        reached = "never estimated" if run.rse is None else f"{run.rse:.4f}"
+        notes.append(
+            f"num_batches='auto' ran out of data before the relative standard error reached "
+            f"tol={tol} (last: {reached}); all {used} batch(es) were used"
+        )
+    unused = [state.name for state, stats in zip(collector.states, new) if stats is None]
     if unused:
         notes.append(
             "these layers saw no data and kept their statistics (unused branch?): "
             + ", ".join(unused)
         )
-    layer_reports = []
-    for layer, stats, moments, count, (old_mean, old_var, _) in zip(
-        state, new_stats, pooled, calls, before
-    ):
-        module = layer.module
-        if stats is None:
-            moved = (0.0, 0.0, 0.0, 0.0)
-        else:
-            moved = drift(
-                old_mean.to(stats[0].device),
-                old_var.to(stats[0].device),
-                stats[0],
-                stats[1],
-                module.eps,
-            )
-        layer_reports.append(
-            LayerReport(
-                name=layer.name,
-                kind=type(module).__name__,
-                channels=module.num_features,
-                elements=moments.n,
-                batches=count,
-                path="unused" if stats is None else layer.path if layer.path != "check" else "fast",
-                momentum=layer.momentum,
-                mean_shift=moved[0],
-                mean_shift_max=moved[1],
-                log_var_ratio=moved[2],
-                log_var_ratio_max=moved[3],
-            )
-        )
+    reports = _layer_reports(collector.states, new, pooled, calls, before)
 
-    # The pass succeeded and bn_mode restored everything; now write the results in one go.
-    for module, stats in zip(modules, new_stats):
-        if stats is not None:
-            mean, var, tracked = stats
-            module.running_mean.copy_(mean)  # type: ignore[union-attr]
-            module.running_var.copy_(var)  # type: ignore[union-attr]
-            module.num_batches_tracked.fill_(tracked)  # type: ignore[union-attr]
-
-    def undo() -> None:
-        with torch.no_grad():
-            for module, (mean, var, count) in zip(modules, before):
-                module.running_mean.copy_(mean)  # type: ignore[union-attr]
-                module.running_var.copy_(var)  # type: ignore[union-attr]
-                module.num_batches_tracked.copy_(count)  # type: ignore[union-attr]
-
+    # The pass succeeded and everything it touched was restored; write the results in one go.
+    _write(modules, [None if s is None else (s[0], s[1], torch.tensor(s[2])) for s in new])
     for note in notes:
         logger.warning(note)
     return Report(
-        layers=tuple(layer_reports),
+        layers=tuple(reports),
         skipped_layers=skipped_layers,
         method=method,
         batches=used,
@@ -381,22 +472,6 @@ def recalibrate(
         warnings=tuple(notes),
         seconds=seconds,
         ranks=ranks,
-        relative_standard_error=rse if num_batches == "auto" else None,
-        _undo=undo,
-    )
-
-
-def _progress(loader: Any, limit: Optional[int], enabled: bool) -> Any:
-    """A tqdm bar on stderr (a no-op object when disabled)."""
-    from tqdm.auto import tqdm
-
-    total: Optional[int] = None
-    try:
-        total = len(loader)
-    except TypeError:
-        total = None
-    if limit is not None:
-        total = limit if total is None else min(total, limit)
-    return tqdm(
-        total=total, disable=not enabled, file=sys.stderr, unit="batch", desc="bnfix calibrate"
+        relative_standard_error=run.rse if num_batches == "auto" else None,
+        _undo=_undoer(modules, before),
     )

@@ -54,7 +54,6 @@ Verdict thresholds (``bnfix.verdict.THRESHOLDS``, also recorded in ``Diagnosis.t
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import math
 import time
@@ -72,6 +71,7 @@ from bnfix.batches import (
     default_target,
     model_device,
     output_tensor,
+    progress_bar,
     to_device,
 )
 from bnfix.collect import Collector, batch_stats
@@ -113,6 +113,11 @@ def _ratio(on: tuple[Tensor, Tensor], off: tuple[Tensor, Tensor], eps: float) ->
 
 
 def _score(old: Tensor, old_var: Tensor, new: tuple[Tensor, Tensor], eps: float) -> float:
+    """A layer's drift from ``(old, old_var)`` to ``new``, as one number.
+
+    The worse of the channel-mean shift and channel-mean |log variance ratio|; NaN (from broken
+    statistics) counts as infinite.
+    """
     shift, _, logvar, _ = drift(old.to(new[0].device), old_var.to(new[0].device), *new, eps)
     return max(math.inf if math.isnan(v) else v for v in (shift, logvar))
 
@@ -173,8 +178,6 @@ def diagnose(
     """
     _check(model, loader, reference, num_batches, forward_fn)
     check_lazy(model)
-    from tqdm.auto import tqdm
-
     start = time.perf_counter()
     where = torch.device(device) if device is not None else model_device(model)
     forward = forward_fn or default_forward
@@ -184,10 +187,7 @@ def diagnose(
     off, on = Collector(layers), Collector(layers)
     train_vs_eval = Pair()
     used = skipped = samples = 0
-    total = len(loader) if hasattr(loader, "__len__") else None  # type: ignore[arg-type]
-    if total is not None and num_batches is not None:
-        total = min(total, num_batches)
-    bar = tqdm(total=total, disable=not progress, desc="bnfix diagnose", unit="batch")
+    bar = progress_bar(loader, num_batches, progress, "bnfix diagnose")
     with bar:
         for index, batch in enumerate(itertools.islice(loader, num_batches)):
             bar.update(1)
@@ -219,22 +219,26 @@ def diagnose(
             + "; pass a loader with at least one batch of two or more samples"
         )
 
-    ref = Collector(layers)
+    # The reference runs both ways too: running statistics made with dropout on (training) or off
+    # (recalibrated by bnfix) must be compared with reference statistics made the same way.
+    ref_off, ref_on = Collector(layers), Collector(layers)
     ref_used = 0
     if reference is not None:
         for index, batch in enumerate(itertools.islice(reference, num_batches)):
-            ref_rng: contextlib.AbstractContextManager[None] = (
-                private_rng(where, _DROPOUT_SEED + index)
-                if has_dropout
-                else contextlib.nullcontext()
-            )
+            moved = to_device(batch, where)
             try:
-                with ref_rng, batch_stats(model, modules, dropout=has_dropout), ref.hooks():
-                    forward(model, to_device(batch, where))
+                with batch_stats(model, modules, dropout=False), ref_off.hooks():
+                    forward(model, moved)
+                if has_dropout:
+                    rng = private_rng(where, _DROPOUT_SEED + index)
+                    with rng, batch_stats(model, modules, dropout=True), ref_on.hooks():
+                        forward(model, moved)
             except SkipBatch:
-                ref.discard()
+                ref_off.discard()
+                ref_on.discard()
                 continue
-            ref.commit(index)
+            ref_off.commit(index)
+            ref_on.commit(index)
             ref_used += 1
         if ref_used == 0:
             raise BnfixError(
@@ -256,9 +260,8 @@ def diagnose(
             exact_vs_eval.add(exact_out, eval_out, target)
 
     warnings: list[str] = []
-    layer_drifts = _layer_drifts(
-        layers, off, on if has_dropout else None, ref if reference is not None else None, warnings
-    )
+    refs = None if reference is None else (ref_off, ref_on if has_dropout else None)
+    layer_drifts = _layer_drifts(layers, off, on if has_dropout else None, refs, warnings)
     unused = [d.name for d in layer_drifts if not d.used]
     if unused:
         warnings.append(
@@ -316,14 +319,21 @@ def _layer_drifts(
     layers: Sequence[tuple[str, _BatchNorm]],
     off: Collector,
     on: Optional[Collector],
-    ref: Optional[Collector],
+    refs: Optional[tuple[Collector, Optional[Collector]]],
     warnings: list[str],
 ) -> list[LayerDrift]:
-    """Turn the pooled moments into one :class:`LayerDrift` per layer."""
+    """Turn the pooled moments into one :class:`LayerDrift` per layer.
+
+    ``refs`` holds the reference data's moments with dropout off and (for models with dropout)
+    on. Running statistics are compared with whichever matches them better, since they may come
+    from training (dropout on) or from a recalibration (dropout off); the data shift compares the
+    reference with this data like for like, dropout off.
+    """
+    none: list[Any] = [None] * len(layers)
     off_stats = off.stats()
-    on_stats = on.stats() if on is not None else [None] * len(layers)
-    ref_stats = ref.stats() if ref is not None else [None] * len(layers)
-    train_stats = on_stats if on is not None else off_stats  # training conditions
+    on_stats = on.stats() if on is not None else none
+    ref_off = refs[0].stats() if refs is not None else none
+    ref_on = refs[1].stats() if refs is not None and refs[1] is not None else none
     result = []
     for i, (name, module) in enumerate(layers):
         common: dict[str, Any] = {
@@ -354,10 +364,11 @@ def _layer_drifts(
             assert dropped is not None
             extra["train_drift"] = _score(run_mean, run_var, dropped, eps)
             extra["dropout_var_ratio"], extra["dropout_var_ratio_max"] = _ratio(dropped, data, eps)
-        train, reference = train_stats[i], ref_stats[i]
-        if reference is not None and train is not None:
-            extra["reference_drift"] = _score(run_mean, run_var, reference, eps)
-            extra["shift_drift"] = _score(reference[0], reference[1], train, eps)
+        reference = ref_off[i]
+        if reference is not None:
+            candidates = [r for r in (reference, ref_on[i]) if r is not None]
+            extra["reference_drift"] = min(_score(run_mean, run_var, r, eps) for r in candidates)
+            extra["shift_drift"] = _score(reference[0], reference[1], data, eps)
         result.append(
             LayerDrift(
                 **common,

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
 from bnfix.report import Evaluation, json_safe, render_table
+from bnfix.report import fmt_float as _fmt
+from bnfix.report import fmt_percent as _pct
 
 __all__ = ["Diagnosis", "LayerDrift", "Verdict"]
 
@@ -26,18 +28,6 @@ CAUSES = (
     "bn_not_the_problem",
 )
 CONFIDENCES = ("high", "medium", "low")
-
-
-def _fmt(value: Optional[float], digits: int = 3) -> str:
-    if value is None:
-        return "-"
-    if not math.isfinite(value):
-        return str(value)
-    return f"{value:.{digits}f}"
-
-
-def _pct(value: Optional[float]) -> str:
-    return "-" if value is None else f"{100 * value:.2f}%"
 
 
 def _worse(*values: Optional[float]) -> Optional[float]:

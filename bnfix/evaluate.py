@@ -26,6 +26,7 @@ from bnfix.batches import (
     default_target,
     model_device,
     output_tensor,
+    progress_bar,
     require_reiterable,
     to_device,
 )
@@ -55,6 +56,7 @@ class _Counts:
     labelled: int = 0
     correct: dict[int, int] = field(default_factory=dict)
     loss_sum: Optional[float] = None
+    skipped: int = 0
 
     def add(self, out: Tensor, target: Optional[Tensor]) -> None:
         self.samples += out.shape[0] if out.dim() else 1
@@ -80,7 +82,9 @@ class _Counts:
         self.loss_sum = (self.loss_sum or 0.0) + loss
 
     def result(self, bn: str) -> Evaluation:
-        return Evaluation(self.samples, self.labelled, dict(self.correct), self.loss_sum, bn)
+        return Evaluation(
+            self.samples, self.labelled, dict(self.correct), self.loss_sum, bn, self.skipped
+        )
 
 
 @dataclass
@@ -155,16 +159,13 @@ def _passes(
     desc: str,
 ) -> tuple[dict[str, Evaluation], _Gap]:
     """One pass over ``loader``, running each batch once per BN mode ("eval", "train")."""
-    from tqdm.auto import tqdm
-
     forward = forward_fn or default_forward
     pick_target = target_fn or default_target
     where = torch.device(device) if device is not None else model_device(model)
     counts = {mode: _Counts(topk) for mode in modes}
     gap = _Gap()
     batches = 0
-    total = len(loader) if hasattr(loader, "__len__") else None  # type: ignore[arg-type]
-    with torch.no_grad(), tqdm(total=total, disable=not progress, desc=desc, unit="batch") as bar:
+    with torch.no_grad(), progress_bar(loader, None, progress, desc) as bar:
         for batch in loader:
             target = pick_target(batch)
             moved = to_device(batch, where)
@@ -175,6 +176,7 @@ def _passes(
                     with context:
                         outs[mode] = output_tensor(forward(model, moved)).detach()
                 except SkipBatch:
+                    counts[mode].skipped += 1
                     continue
                 counts[mode].add(outs[mode], target if isinstance(target, Tensor) else None)
             if "eval" in outs and "train" in outs:

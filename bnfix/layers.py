@@ -29,8 +29,10 @@ __all__ = [
     "check_lazy",
     "dropout_layers",
     "elements_per_channel",
+    "is_dropout",
     "named_modules",
     "select_layers",
+    "skipped_norm_layers",
     "unwrap",
 ]
 
@@ -43,8 +45,12 @@ _DROPOUT_CLASS_NAMES = frozenset(
 )
 
 
-class SkipBatch(Exception):
-    """Raised from a pre-hook: a layer would see one element per channel (train-mode BN refuses)."""
+class SkipBatch(BaseException):
+    """Raised from a pre-hook: a layer would see one element per channel (train-mode BN refuses).
+
+    A ``BaseException``, like ``KeyboardInterrupt``, so that a model or ``forward_fn`` catching
+    ``Exception`` cannot swallow it and leave half a batch counted.
+    """
 
 
 def elements_per_channel(x: Tensor) -> int:
@@ -109,6 +115,7 @@ class Selection:
 
     layers: tuple[tuple[str, _BatchNorm], ...]
     eval_mode_names: tuple[str, ...]  # selected layers that were in eval mode in a train-mode model
+    notes: tuple[str, ...] = ()  # what the report should tell the user about the selection
 
 
 def select_layers(model: nn.Module, layers: LayerSelector) -> Selection:
@@ -145,7 +152,27 @@ def select_layers(model: nn.Module, layers: LayerSelector) -> Selection:
         )
     modes = {m.training for _, m in chosen}
     eval_names = tuple(n for n, m in chosen if not m.training) if len(modes) > 1 else ()
-    return Selection(tuple(chosen), eval_names)
+    notes = []
+    if not candidates:
+        notes.append(
+            "the model has no BatchNorm layer that tracks running statistics; nothing was changed"
+        )
+    elif not chosen:
+        notes.append(
+            f"`layers` selected none of the model's {len(candidates)} BatchNorm layers; nothing was changed"
+        )
+    if eval_names:
+        notes.append(
+            "these BatchNorm layers were in eval mode while others were in train mode (frozen on "
+            "purpose?); they were recalibrated too, exclude them with `layers=` if that is wrong: "
+            + ", ".join(eval_names)
+        )
+    elif chosen and modes == {False} and model.training:
+        notes.append(
+            "every selected BatchNorm layer was in eval mode inside a train-mode model (BN frozen "
+            "for fine-tuning?); they were recalibrated, pass `layers=` to leave some alone"
+        )
+    return Selection(tuple(chosen), eval_names, tuple(notes))
 
 
 def check_lazy(model: nn.Module) -> None:

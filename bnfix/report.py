@@ -13,7 +13,16 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
-__all__ = ["Comparison", "Evaluation", "LayerReport", "Report", "json_safe", "render_table"]
+__all__ = [
+    "Comparison",
+    "Evaluation",
+    "LayerReport",
+    "Report",
+    "fmt_float",
+    "fmt_percent",
+    "json_safe",
+    "render_table",
+]
 
 
 def json_safe(value: Any) -> Any:
@@ -39,7 +48,8 @@ def render_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join([line(headers), rule, *(line(r) for r in rows)])
 
 
-def _fmt(value: Optional[float], digits: int = 3) -> str:
+def fmt_float(value: Optional[float], digits: int = 3) -> str:
+    """A table cell: fixed-point, "-" for missing, "nan"/"inf" spelled out."""
     if value is None:
         return "-"
     if not math.isfinite(value):
@@ -47,7 +57,8 @@ def _fmt(value: Optional[float], digits: int = 3) -> str:
     return f"{value:.{digits}f}"
 
 
-def _pct(value: Optional[float]) -> str:
+def fmt_percent(value: Optional[float]) -> str:
+    """A table cell for a fraction in [0, 1], as a percentage."""
     return "-" if value is None else f"{100 * value:.2f}%"
 
 
@@ -83,7 +94,7 @@ class LayerReport:
     log_var_ratio_max: float
 
     @property
-    def drift(self) -> float:
+    def max_drift(self) -> float:
         """One number to rank layers by: the worse of the max mean shift and max log-var ratio."""
         values = [self.mean_shift_max, self.log_var_ratio_max]
         return max((v if math.isfinite(v) else math.inf) for v in values)
@@ -136,7 +147,7 @@ class Report:
     def worst(self, k: int = 5) -> list[LayerReport]:
         """The ``k`` layers whose statistics moved most."""
         used = [layer for layer in self.layers if layer.path != "unused"]
-        return sorted(used, key=lambda layer: -layer.drift)[:k]
+        return sorted(used, key=lambda layer: -layer.max_drift)[:k]
 
     def undo(self) -> None:
         """Put back the statistics the layers had before the call, bit for bit."""
@@ -162,16 +173,17 @@ class Report:
             head += f", merged over {self.ranks} ranks"
         lines = [head]
         if self.relative_standard_error is not None:
-            lines.append(f"stopped at relative standard error {self.relative_standard_error:.4f}")
+            rse = self.relative_standard_error
+            lines.append(f"num_batches='auto': relative standard error of the estimates {rse:.4f}")
         rows = [
             [
                 layer.name,
                 layer.kind,
                 str(layer.channels),
-                _fmt(layer.mean_shift),
-                _fmt(layer.mean_shift_max),
-                _fmt(layer.log_var_ratio),
-                _fmt(layer.log_var_ratio_max),
+                fmt_float(layer.mean_shift),
+                fmt_float(layer.mean_shift_max),
+                fmt_float(layer.log_var_ratio),
+                fmt_float(layer.log_var_ratio_max),
             ]
             for layer in self.worst(len(self.layers))
         ]
@@ -196,6 +208,8 @@ class Evaluation:
         correct: ``{k: samples whose label is in the top k}`` for each requested k.
         loss_sum: summed cross-entropy over labelled samples (None without labels or class scores).
         bn: "eval" (running statistics) or "train" (batch statistics).
+        skipped_batches: batches left out because train-mode BN would have seen a single element
+            per channel in some layer (always 0 for "eval").
     """
 
     samples: int
@@ -203,13 +217,17 @@ class Evaluation:
     correct: Mapping[int, int]
     loss_sum: Optional[float]
     bn: str = "eval"
+    skipped_batches: int = 0
 
     def accuracy(self, k: int) -> Optional[float]:
-        """Top-k accuracy (k clamped to the largest k counted), or None without labels."""
-        if not self.correct or self.labelled == 0:
+        """Top-k accuracy, or None without labels or when k was not among the ``topk`` counted.
+
+        (k larger than the number of classes was already clamped while counting: top-5 of a
+        3-class model is its top-3 accuracy, i.e. 1.0.)
+        """
+        if self.labelled == 0 or k not in self.correct:
             return None
-        k = min(k, max(self.correct))
-        return self.correct[k] / self.labelled if k in self.correct else None
+        return self.correct[k] / self.labelled
 
     @property
     def top1(self) -> Optional[float]:
@@ -234,6 +252,7 @@ class Evaluation:
             {
                 "bn": self.bn,
                 "samples": self.samples,
+                "skipped_batches": self.skipped_batches,
                 "labelled": self.labelled,
                 "correct": dict(self.correct),
                 "top1": self.top1,
@@ -287,15 +306,20 @@ class Comparison:
         """The before/after table rows (metric, eval before, train-mode BN, eval after)."""
         b, t, a = self.before, self.train_bn, self.after
         return [
-            ["top-1", _pct(b.top1), _pct(t.top1), _pct(a.top1)],
-            ["top-5", _pct(b.top5), _pct(t.top5), _pct(a.top5)],
-            ["loss", _fmt(b.loss, 4), _fmt(t.loss, 4), _fmt(a.loss, 4)],
-            ["eval/train agreement", _pct(self.agreement_before), "", _pct(self.agreement_after)],
+            ["top-1", fmt_percent(b.top1), fmt_percent(t.top1), fmt_percent(a.top1)],
+            ["top-5", fmt_percent(b.top5), fmt_percent(t.top5), fmt_percent(a.top5)],
+            ["loss", fmt_float(b.loss, 4), fmt_float(t.loss, 4), fmt_float(a.loss, 4)],
+            [
+                "eval/train agreement",
+                fmt_percent(self.agreement_before),
+                "",
+                fmt_percent(self.agreement_after),
+            ],
             [
                 "eval/train output gap",
-                _fmt(self.output_gap_before, 4),
+                fmt_float(self.output_gap_before, 4),
                 "",
-                _fmt(self.output_gap_after, 4),
+                fmt_float(self.output_gap_after, 4),
             ],
         ]
 
@@ -305,16 +329,23 @@ class Comparison:
         lines = [
             table,
             "",
-            f"calibration: {r.samples} samples, {r.batches} batch(es), {r.seconds:.2f} s",
+            f"calibration: {r.samples} samples, {r.batches} batch(es), {r.seconds:.2f} s"
+            + (f", merged over {r.ranks} ranks" if r.ranks > 1 else ""),
         ]
         worst = r.worst(3)
         if worst:
             lines.append(
                 "largest drift: "
                 + ", ".join(
-                    f"{w.name} (shift {_fmt(w.mean_shift_max)}, |log var| {_fmt(w.log_var_ratio_max)})"
+                    f"{w.name} (shift {fmt_float(w.mean_shift_max)}, |log var| {fmt_float(w.log_var_ratio_max)})"
                     for w in worst
                 )
+            )
+        skipped = self.train_bn.skipped_batches
+        if skipped:
+            lines.append(
+                f"note: train-mode BN skipped {skipped} validation batch(es) with a single element "
+                "per channel in some layer; its column covers the other samples"
             )
         lines += [f"warning: {w}" for w in r.warnings]
         return "\n".join(lines)

@@ -52,6 +52,10 @@ class Moments:
         m2 = self.m2 + other.m2 + delta.square() * (self.n * other.n / n)
         return Moments(n, mean, m2)
 
+    def unbiased_var(self) -> Tensor:
+        """Bessel-corrected variance, or zeros for a single element (what BN stores for n = 1)."""
+        return self.var() if self.n > 1 else torch.zeros_like(self.mean)
+
     def var(self, correction: int = 1) -> Tensor:
         """Variance ``M2 / (n - correction)``; Bessel's correction by default, as BN stores it."""
         if self.n - correction <= 0:
@@ -160,8 +164,10 @@ class RowBuffer:
     def take(self) -> tuple[list[int], Tensor, Tensor, list[int]]:
         """The committed rows (views, valid until the next push) and their tags; then empty."""
         k = self.committed
+        if len(self.ns) != k:
+            raise RuntimeError("RowBuffer.take() with uncommitted rows; commit or roll back first")
         out = (self.ns[:k], self.means[:k], self.vars[:k], self.tags[:k])
-        self.ns, self.tags, self.committed = self.ns[k:], [], 0
+        self.ns, self.tags, self.committed = [], [], 0
         return out
 
 

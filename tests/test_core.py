@@ -339,7 +339,9 @@ def test_model_raising_mid_pass_restores_everything(images: Tensor, exc: BaseExc
 
 def test_empty_loader(convnet: ConvNet) -> None:
     snap = snapshot(convnet)
-    with pytest.raises(BnfixError, match="No usable calibration batch: the loader was empty"):
+    with pytest.raises(
+        BnfixError, match="Expected at least one usable calibration batch, but the loader was empty"
+    ):
         bnfix.recalibrate(convnet, [])
     assert_unchanged(convnet, snap)
 
@@ -369,7 +371,7 @@ def test_non_finite_input_names_layer_and_batch(images: Tensor, bad: float) -> N
     batches = split(images.clone(), SPLIT)
     batches[2][1, 0, 3, 3] = bad
     snap = snapshot(model)
-    with pytest.raises(BnfixError, match=r"Non-finite batch statistics in layer bn0 \(batch 2\)"):
+    with pytest.raises(BnfixError, match=r"but layer bn0 saw NaN/inf \(batch 2\)"):
         bnfix.recalibrate(model, batches)
     assert_unchanged(model, snap)
 
@@ -382,7 +384,7 @@ def test_non_finite_deeper_layer_is_named(images: Tensor) -> None:
     model = make_convnet()
     model.fc1 = nn.Sequential(model.fc1, Poison())  # only bn3, only on the batch of 8 (index 3)
     snap = snapshot(model)
-    with pytest.raises(BnfixError, match=r"layer bn3 \(batch 3\)"):
+    with pytest.raises(BnfixError, match=r"layer bn3 saw NaN/inf \(batch 3\)"):
         bnfix.recalibrate(model, split(images, SPLIT))
     assert_unchanged(model, snap)
 
@@ -730,7 +732,8 @@ def test_auto_stops_once_the_standard_error_is_small(images: Tensor) -> None:
     assert_close_stats(model.bn0, *ref_moments(images[: 8 * report.batches]))
     strict = bnfix.recalibrate(make_convnet(), batches, num_batches="auto", tol=1e-6)
     assert strict.batches == 16 and strict.relative_standard_error > 1e-6
-    assert "stopped at relative standard error" in str(strict)
+    assert "relative standard error of the estimates" in str(strict)
+    assert any("ran out of data" in w for w in strict.warnings)
 
 
 def test_auto_with_only_unused_layers_runs_to_the_end(images: Tensor) -> None:
@@ -784,7 +787,7 @@ def test_ema_from_non_finite_statistics_is_refused_with_the_right_reason(images:
     model.bn1.running_var[2] = float("nan")
     snap = snapshot(model)
     with pytest.raises(
-        BnfixError, match=r"running statistics in layer bn1 before the call.*'exact'"
+        BnfixError, match=r"running statistics in layer bn1 .*NaN/inf before the call.*'exact'"
     ):
         bnfix.recalibrate(model, split(images, SPLIT), momentum=0.5)
     assert_unchanged(model, snap)
@@ -819,3 +822,68 @@ def test_layers_after_a_renorm_like_subclass(images: Tensor) -> None:
     report = bnfix.recalibrate(model, batches)
     assert report.layers[0].path == "fallback"
     assert_close_stats(model[2], *pooled(seen["2"]))
+
+
+def test_sorted_loader_with_straddling_batches_still_warns(images: Tensor) -> None:
+    """3 classes of 40 in batches of 16: two batches straddle classes, the rest are pure."""
+    labels = torch.arange(3).repeat_interleave(40)
+    data = images[:120]
+    batches = [(data[i : i + 16], labels[i : i + 16]) for i in range(0, 120, 16)]
+    report = bnfix.recalibrate(make_convnet(), batches)
+    assert any("class-sorted" in w for w in report.warnings)
+    shuffled = labels[torch.randperm(120, generator=torch.Generator().manual_seed(0))]
+    mixed = [(data[i : i + 16], shuffled[i : i + 16]) for i in range(0, 120, 16)]
+    assert not any("class-sorted" in w for w in bnfix.recalibrate(make_convnet(), mixed).warnings)
+
+
+def test_auto_that_runs_out_of_data_says_so(images: Tensor) -> None:
+    report = bnfix.recalibrate(
+        make_convnet(), split(images, (16,) * 8), num_batches="auto", tol=1e-6
+    )
+    assert report.batches == 8
+    assert any("ran out of data" in w for w in report.warnings)
+    assert "relative standard error of the estimates" in str(report)
+
+
+def test_callable_selecting_nothing_says_so(images: Tensor) -> None:
+    model = make_convnet()
+    snap = snapshot(model)
+    report = bnfix.recalibrate(model, split(images, SPLIT), layers=lambda name, module: False)
+    assert report.layers == ()
+    assert any("selected none of the model's 4 BatchNorm layers" in w for w in report.warnings)
+    assert_unchanged(model, snap)
+
+
+def test_all_bn_frozen_in_a_train_mode_model_is_noted(images: Tensor) -> None:
+    model = make_convnet().train()
+    for module in model.modules():
+        if isinstance(module, (nn.BatchNorm2d, nn.BatchNorm1d)):
+            module.eval()
+    report = bnfix.recalibrate(model, split(images, SPLIT))
+    assert any("every selected BatchNorm layer was in eval mode" in w for w in report.warnings)
+
+
+def test_skip_is_not_swallowed_by_a_forward_that_catches_exception() -> None:
+    """A batch of 1 must be skipped as a whole even if user code catches Exception."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    calls = []
+
+    def forward(model: nn.Module, batch: Tensor) -> Any:
+        try:
+            return model(batch)
+        except Exception:  # a careless user wrapper
+            calls.append("swallowed")
+            return None
+
+    g = torch.Generator().manual_seed(0)
+    data = [torch.randn(5, 3, generator=g), torch.randn(1, 3, generator=g)]
+    report = bnfix.recalibrate(model, data, forward_fn=forward)
+    assert calls == [] and report.batches == 1 and report.skipped_batches == 1
+    assert model[1].num_batches_tracked.item() == 1
+
+
+def test_numpy_scalars_are_accepted(images: Tensor) -> None:
+    report = bnfix.recalibrate(make_convnet(), split(images, SPLIT), num_batches=np.int64(3))
+    assert report.batches == 3
+    report = bnfix.recalibrate(make_convnet(), split(images, SPLIT), momentum=np.float32(0.5))
+    assert report.method == "ema"

@@ -338,3 +338,18 @@ def test_side_by_side_and_plot(averaged: nn.Module, val: Any, tmp_path: Any) -> 
     path = tmp_path / "drift.png"
     before.plot(path, other=after, labels=("averaged", "recalibrated"))
     assert path.stat().st_size > 0
+
+
+def test_recalibrated_dropout_model_on_shifted_data_is_shift_not_stale(
+    val: Any, reference: Any
+) -> None:
+    """Statistics recalibrated with dropout off are compared with a dropout-off reference."""
+    torch.manual_seed(0)
+    model = train(Net(dropout=0.5), 200, 1)
+    bnfix.recalibrate(model, reference)  # fresh statistics of training-like data, dropout off
+    shifted = batches(*make_data(1024, 7, shift=1.0, scale=1.5))
+    result = diagnose_untouched(model, shifted, reference=reference)
+    assert result.cause == "distribution_shift"
+    assert "stale_statistics" not in [v.cause for v in result.verdict]
+    first = result.layers[0]
+    assert first.reference_drift is not None and first.reference_drift < 0.1

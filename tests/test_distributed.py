@@ -194,7 +194,7 @@ def test_a_rank_without_data_contributes_nothing(results: list[dict[str, Any]]) 
 def test_no_data_on_any_rank_is_an_error(results: list[dict[str, Any]]) -> None:
     for r in results:
         kind, message, state = r["no_data"]
-        assert kind == "BnfixError" and "No usable calibration batch" in message
+        assert kind == "BnfixError" and "usable calibration batch" in message
         assert state == "ok"
 
 
@@ -220,7 +220,7 @@ def test_failure_on_one_rank_releases_the_others(
     kind, same, _, state = results[0][key]
     assert (kind, same, state) == (exc, True, "ok")
     kind, _, message, state = results[1][key]
-    assert kind == "BnfixError" and "another rank failed" in message
+    assert kind == "BnfixError" and "Another rank failed" in message
     assert state == "ok"
 
 

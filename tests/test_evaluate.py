@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 import bnfix
-from bnfix import BnfixError
+from bnfix import BnfixError, Evaluation
 
 SIZES = (7, 30, 2, 50, 39)  # uneven; no batch of 1
 
@@ -260,3 +260,37 @@ def test_evaluate_restores_state_when_the_model_raises(images: Tensor, bn: str) 
         bnfix.evaluate(model, [images], bn=bn)
     assert info.value is error
     assert_unchanged(model, snap)
+
+
+def test_accuracy_of_an_uncounted_k_is_none_not_another_k() -> None:
+    result = Evaluation(samples=4, labelled=4, correct={1: 1, 2: 3}, loss_sum=None)
+    assert result.top1 == 0.25 and result.accuracy(2) == 0.75
+    assert result.top5 is None  # top-5 was not counted; never report top-2 under its name
+
+
+def test_iterable_dataset_loader_without_len() -> None:
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self) -> Any:
+            g = torch.Generator().manual_seed(0)
+            for _ in range(3):
+                yield torch.randn(8, 3, generator=g), torch.randint(0, 2, (8,), generator=g)
+
+    loader = torch.utils.data.DataLoader(Stream(), batch_size=None)
+    with pytest.raises(TypeError):
+        len(loader)  # has __len__, but it raises: progress bars must not trip on it
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+    assert bnfix.evaluate(model, loader, progress=True).samples == 24
+    assert bnfix.compare(model, loader, loader, progress=True).after.samples == 24
+    assert bnfix.diagnose(model, loader, progress=True).samples == 24
+
+
+def test_train_mode_skips_are_counted_and_shown() -> None:
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+    g = torch.Generator().manual_seed(0)
+    data = [
+        (torch.randn(n, 3, generator=g), torch.randint(0, 2, (n,), generator=g)) for n in (4, 1)
+    ]
+    comparison = bnfix.compare(model, data, data)
+    assert comparison.before.samples == 5 and comparison.before.skipped_batches == 0
+    assert comparison.train_bn.samples == 4 and comparison.train_bn.skipped_batches == 1
+    assert "train-mode BN skipped 1 validation batch" in str(comparison)

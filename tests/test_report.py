@@ -117,7 +117,8 @@ def test_json_safe_and_render_table() -> None:
 
 def test_evaluation_accuracy_and_json() -> None:
     ev = Evaluation(samples=10, labelled=8, correct={1: 4, 3: 6}, loss_sum=4.0)
-    assert ev.top1 == 0.5 and ev.accuracy(3) == 0.75 and ev.top5 == 0.75 and ev.loss == 0.5
+    assert ev.top1 == 0.5 and ev.accuracy(3) == 0.75 and ev.loss == 0.5
+    assert ev.top5 is None  # not counted: never report top-3 under the name top-5
     assert json.loads(json.dumps(ev.to_dict(), allow_nan=False))["correct"] == {"1": 4, "3": 6}
     empty = Evaluation(samples=3, labelled=0, correct={}, loss_sum=None)
     assert empty.top1 is None and empty.loss is None
