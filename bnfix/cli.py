@@ -1,10 +1,11 @@
 """Command line: ``python -m bnfix``. The only module that prints or configures logging.
 
-Subcommands register themselves in :data:`COMMANDS`: an ``add_*_command`` function builds the
-subparser from the shared option groups here, and its runner turns the options into a model,
-loaders, a device and a process group with :mod:`bnfix.session`, calls the library and prints the
-result. Every bad input raises :class:`BadInput` (or a :class:`bnfix.BnfixError`), which
-:func:`main` turns into one line on stderr and exit status 2.
+Subcommands register themselves in :data:`COMMANDS`: an ``add_*_command`` function takes the
+command's parser from :mod:`bnfix.options` (where every option is declared) and sets its runner.
+A runner turns the options into a model, loaders, a device and a process group with
+:mod:`bnfix.session`, calls the library, writes what the command writes, and prints. Every bad
+input raises :class:`BadInput` (or a :class:`bnfix.BnfixError`), which :func:`main` turns into one
+line on stderr and exit status 2.
 """
 
 from __future__ import annotations
@@ -13,13 +14,13 @@ import argparse
 import contextlib
 import json
 import logging
+import os
 import sys
-import textwrap
 import traceback
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Callable, NoReturn, Optional
+from typing import Any, Callable, Optional
 
 from torch import nn
 
@@ -29,14 +30,27 @@ from bnfix.core import validate_options
 from bnfix.data import DataInfo
 from bnfix.errors import BnfixError
 from bnfix.layers import select_layers, unwrap
+from bnfix.options import (
+    EXIT_BAD_INPUT,
+    EXIT_DECLINED,
+    EXIT_INTERNAL,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    diagnose_parser,
+    program_parser,
+    recalibrate_parser,
+)
 from bnfix.report import Comparison, Report, json_safe
 from bnfix.session import (
     BadInput,
     build_calib_loader,
+    build_loader,
     build_val_loader,
+    diagnose_outputs,
     fail,
     init_distributed,
     load_model,
+    load_other_model,
     num_batches,
     output_paths,
     parse_momentum,
@@ -46,204 +60,10 @@ from bnfix.session import (
 
 __all__ = ["COMMANDS", "BadInput", "build_parser", "main"]
 
-EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT, EXIT_DECLINED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
-
-EXIT_CODES = """\
-exit status:
-  0    success
-  1    internal error (a bug in bnfix: rerun with --debug and report the traceback)
-  2    bad input (file, checkpoint, model, data or option); nothing was written
-  3    --only-if-better: top-1 after recalibration was below top-1 before; nothing was written
-  130  interrupted (Ctrl-C); nothing was written, the input is untouched
-"""
-
-
 _BAD_INPUT = (BadInput, BnfixError, FileNotFoundError)
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        fail(f"{message} (see `{self.prog} --help`)")
-
-
-class _Formatter(argparse.RawDescriptionHelpFormatter):
-    """Keeps the exit-code epilog as written; defaults are stated in each option's help."""
-
-
-# --- options shared by subcommands -----------------------------------------------------------
-
-
-def add_model_options(parser: argparse.ArgumentParser) -> None:
-    """CKPT and how to build the model it holds weights for."""
-    parser.add_argument("checkpoint", metavar="CKPT", help="checkpoint written by torch.save")
-    group = parser.add_argument_group("model")
-    group.add_argument(
-        "--arch", metavar="NAME", help='torchvision model name (weights=None), or "timm:NAME"'
-    )
-    group.add_argument(
-        "--model",
-        metavar="MODULE:FN",
-        help="callable returning an nn.Module; MODULE is a dotted import path (cwd on sys.path) or path/to/file.py",
-    )
-    group.add_argument(
-        "--model-kwargs",
-        metavar="JSON",
-        default="{}",
-        help="keyword arguments for the builder, e.g. '{\"num_classes\": 10}'",
-    )
-    group.add_argument(
-        "--num-classes",
-        metavar="N",
-        type=int,
-        help="shorthand for --model-kwargs '{\"num_classes\": N}'",
-    )
-    group.add_argument(
-        "--key", metavar="KEY", help="checkpoint entry holding the weights (default: auto-detected)"
-    )
-    group.add_argument(
-        "--trust-checkpoint",
-        action="store_true",
-        help="load with weights_only=False (runs code from the file: trusted files only); needed for pickled nn.Modules",
-    )
-
-
-def add_data_options(parser: argparse.ArgumentParser, *, calib_required: bool = True) -> None:
-    """--calib / --val and preprocessing."""
-    group = parser.add_argument_group(
-        "data",
-        textwrap.fill(
-            "PATH is a folder of images (searched recursively; for --val, class subfolders give labels) "
-            "or a .npz/.pt file holding x (N, ...) [and integer y (N,)] used as-is. Images are "
-            "preprocessed eval-style: resize the short side to --resize, center-crop --image-size, "
-            "normalize. Order is shuffled with --seed.",
-            width=88,
-        ),
-    )
-    group.add_argument("--calib", metavar="PATH", required=calib_required, help="calibration data")
-    group.add_argument(
-        "--val", metavar="PATH", help="labelled data for accuracy before/after (whole set used)"
-    )
-    group.add_argument(
-        "--batch-size", metavar="N", type=int, default=64, help="samples per batch (default: 64)"
-    )
-    group.add_argument(
-        "--num-batches",
-        metavar="N",
-        help="calibration batches per process, or 'auto' (default: all)",
-    )
-    group.add_argument(
-        "--workers",
-        metavar="N",
-        type=int,
-        help="loader processes (default: 4 for images, 0 for tensor files)",
-    )
-    group.add_argument(
-        "--seed", metavar="N", type=int, default=0, help="seeds the shuffle (default: 0)"
-    )
-    group.add_argument(
-        "--image-size", metavar="N", type=int, default=224, help="center-crop size (default: 224)"
-    )
-    group.add_argument(
-        "--resize",
-        metavar="N",
-        type=int,
-        help="short side before cropping (default: image-size * 256/224)",
-    )
-    group.add_argument(
-        "--mean",
-        metavar="M,M,M",
-        help="per-channel normalization mean (default: ImageNet's 0.485,0.456,0.406 for 3 channels, else 0.5)",
-    )
-    group.add_argument(
-        "--std",
-        metavar="S,S,S",
-        help="per-channel normalization std (default: ImageNet's 0.229,0.224,0.225 for 3 channels, else 0.5)",
-    )
-    group.add_argument(
-        "--channels",
-        metavar="N",
-        type=int,
-        default=3,
-        choices=(1, 3, 4),
-        help="image channels, 1 for grayscale (default: 3)",
-    )
-
-
-def add_misc_options(parser: argparse.ArgumentParser) -> None:
-    """--device, --quiet, --debug."""
-    group = parser.add_argument_group("misc")
-    group.add_argument(
-        "--device", default="auto", help="auto|cpu|cuda[:i] (default: auto, CUDA when available)"
-    )
-    group.add_argument("--quiet", action="store_true", help="print nothing but errors")
-    group.add_argument("--debug", action="store_true", help="debug logging and tracebacks")
-
-
 # --- recalibrate ---------------------------------------------------------------------------------
-
-
-def add_recalibrate_command(subparsers: Any) -> None:
-    """``bnfix recalibrate CKPT --calib PATH ...``."""
-    parser = subparsers.add_parser(
-        "recalibrate",
-        help="recompute BN statistics of a checkpoint; evaluate before/after; write a fixed copy",
-        description=textwrap.fill(
-            "Load CKPT, recompute the running statistics of its BatchNorm layers on --calib "
-            "(exactly pooled by default), evaluate before and after on --val when given, and write "
-            "the checkpoint with only the BN buffers replaced (same container, atomic write). "
-            "Under torchrun each process takes a shard of --calib and the statistics are merged "
-            "exactly; rank 0 evaluates and writes.",
-            width=88,
-        ),
-        epilog=EXIT_CODES,
-        formatter_class=_Formatter,
-    )
-    add_model_options(parser)
-    add_data_options(parser)
-    group = parser.add_argument_group("method")
-    group.add_argument(
-        "--momentum",
-        default="exact",
-        metavar="M",
-        help="exact (pool all data; default), layer (each layer's own momentum) or a float in "
-        "(0, 1] (EMA from the current statistics)",
-    )
-    group.add_argument(
-        "--layers",
-        metavar="GLOB",
-        action="append",
-        help="recalibrate only BN layers whose name matches (repeatable)",
-    )
-    group.add_argument(
-        "--dropout",
-        action="store_true",
-        help="keep dropout on while calibrating (off by default: eval never drops)",
-    )
-    group = parser.add_argument_group("output")
-    group.add_argument(
-        "--out",
-        metavar="PATH",
-        help='where to write (default: CKPT with ".bnfix" before the suffix, beside it)',
-    )
-    group.add_argument(
-        "--report",
-        metavar="PATH.json",
-        help="also write the comparison and per-layer report as JSON",
-    )
-    group.add_argument("--in-place", action="store_true", help="overwrite CKPT (atomically)")
-    group.add_argument("--force", action="store_true", help="overwrite an existing --out")
-    group.add_argument(
-        "--dry-run",
-        action="store_true",
-        help="do everything but write (neither checkpoint nor --report)",
-    )
-    group.add_argument(
-        "--only-if-better",
-        action="store_true",
-        help=f"write only if top-1 on --val does not drop; else exit {EXIT_DECLINED}",
-    )
-    add_misc_options(parser)
-    parser.set_defaults(func=run_recalibrate)
 
 
 def run_recalibrate(args: argparse.Namespace) -> int:
@@ -359,21 +179,85 @@ def _report_json(
     return json.dumps(json_safe(data), indent=2) + "\n"
 
 
+def run_diagnose(args: argparse.Namespace) -> int:
+    """The ``diagnose`` subcommand."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        fail("diagnose runs in one process; run it without torchrun")
+    device = resolve_device(args.device)
+    batches = num_batches(args)
+    if batches == "auto":
+        fail("Expected --num-batches to be a positive int for diagnose ('auto' is for recalibrate)")
+    report_path, plot_path = diagnose_outputs(args)
+    limit = batches * args.batch_size if batches is not None else None
+    model, _ = load_model(args, device)
+    data, info = build_loader(args, args.calib, labelled=True, limit=limit)
+    probe(model, data, device, info, option="--calib")
+    reference, reference_info = (
+        build_loader(args, args.reference, labelled=False, limit=limit)
+        if args.reference
+        else (None, None)
+    )
+    other = load_other_model(args, args.compare_to, device) if args.compare_to else None
+    options = {
+        "reference": reference,
+        "num_batches": batches,
+        "device": device,
+        "progress": not args.quiet and sys.stderr.isatty(),
+    }
+    diagnosis = bnfix.diagnose(model, data, **options)
+    theirs = bnfix.diagnose(other, data, **options) if other is not None else None
+    labels = [Path(args.checkpoint).name, Path(args.compare_to or "").name]
+    if labels[0] == labels[1]:
+        labels = [str(args.checkpoint), str(args.compare_to)]
+    say = (lambda text: None) if args.quiet else print
+    say(str(diagnosis))
+    if theirs is not None:
+        say(f"\n{labels[0]} compared with {labels[1]} (--compare-to), on the same data:")
+        say(diagnosis.side_by_side(theirs, labels))
+    try:
+        if report_path is not None:
+            data_info = {"calib": info, "reference": reference_info}
+            content = {
+                **diagnosis.to_dict(),
+                "bnfix": bnfix.__version__,
+                "checkpoint": str(args.checkpoint),
+                "data": {k: vars(v) if v else None for k, v in data_info.items()},
+                "compare_to": None
+                if theirs is None
+                else {"checkpoint": str(args.compare_to), "diagnosis": theirs.to_dict()},
+            }
+            text = json.dumps(json_safe(content), indent=2) + "\n"
+            atomic_write(report_path, lambda f: f.write(text.encode()))
+            say(f"report: {report_path}")
+        if plot_path is not None:
+            diagnosis.plot(plot_path, other=theirs, labels=labels)
+            say(f"plot: {plot_path}")
+    except OSError as error:
+        fail(f"Cannot write {error.filename or report_path}: {error.strerror or error}")
+    return EXIT_OK
+
+
 # --- entry point -------------------------------------------------------------------------------
 
+
 #: Functions that add a subcommand to the subparsers; each sets ``func`` to its runner.
-COMMANDS: list[Callable[[Any], None]] = [add_recalibrate_command]
+def add_recalibrate_command(subparsers: Any) -> None:
+    """``bnfix recalibrate``."""
+    recalibrate_parser(subparsers).set_defaults(func=run_recalibrate)
+
+
+def add_diagnose_command(subparsers: Any) -> None:
+    """``bnfix diagnose``."""
+    diagnose_parser(subparsers).set_defaults(func=run_diagnose)
+
+
+#: Functions that add a subcommand to the subparsers; each sets ``func`` to its runner.
+COMMANDS: list[Callable[[Any], None]] = [add_recalibrate_command, add_diagnose_command]
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand in :data:`COMMANDS`."""
-    parser = _Parser(
-        prog="bnfix",
-        description="Recompute BatchNorm running statistics exactly and safely, and show that it helped.",
-        epilog=EXIT_CODES + "\nRun `bnfix COMMAND --help` for a command's options.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--version", action="version", version=f"bnfix {bnfix.__version__}")
+    parser = program_parser()
     subparsers = parser.add_subparsers(title="commands", metavar="COMMAND")
     for add in COMMANDS:
         add(subparsers)

@@ -31,13 +31,16 @@ __all__ = [
     "BadInput",
     "Dist",
     "build_calib_loader",
+    "build_loader",
     "build_model",
     "build_val_loader",
     "check_output",
+    "diagnose_outputs",
     "fail",
     "image_options",
     "init_distributed",
     "load_model",
+    "load_other_model",
     "num_batches",
     "output_paths",
     "parse_momentum",
@@ -326,18 +329,36 @@ def build_calib_loader(args: argparse.Namespace, dist: Dist) -> tuple[Any, DataI
     return loader, info
 
 
+def build_loader(
+    args: argparse.Namespace, path: str, *, labelled: bool, limit: Optional[int] = None
+) -> tuple[Any, DataInfo]:
+    """All of ``path`` (or its first ``limit`` samples) in one seeded order, in one process."""
+    dataset, info = load_data(
+        path, labelled=labelled, limit=limit, seed=args.seed, image=image_options(args)
+    )
+    return make_loader(dataset, batch_size=args.batch_size, workers=_workers(args, info)), info
+
+
 def build_val_loader(args: argparse.Namespace) -> tuple[Any, Optional[DataInfo]]:
     """The whole --val set in one seeded order (None, None without --val)."""
     if not args.val:
         return None, None
-    dataset, info = load_data(args.val, labelled=True, seed=args.seed, image=image_options(args))
-    return make_loader(dataset, batch_size=args.batch_size, workers=_workers(args, info)), info
+    return build_loader(args, args.val, labelled=True)
 
 
 def probe(
-    model: nn.Module, loader: Any, device: torch.device, val: Optional[DataInfo] = None
+    model: nn.Module,
+    loader: Any,
+    device: torch.device,
+    val: Optional[DataInfo] = None,
+    *,
+    option: str = "--val",
 ) -> None:
-    """Run one sample through the model in eval mode: shape and label problems fail here, early."""
+    """Run one sample through the model in eval mode: shape and label problems fail here, early.
+
+    ``val`` is the labelled data (named by ``option`` in the message), checked against the
+    number of outputs.
+    """
     sample = loader.dataset[0]
     x = sample[0] if isinstance(sample, tuple) else sample
     try:
@@ -352,7 +373,7 @@ def probe(
     scores = isinstance(out, torch.Tensor) and out.dim() == 2 and out.shape[1] >= 2
     if val is not None and val.labelled and scores and val.classes > out.shape[1]:
         fail(
-            f"--val {val.path} has {val.classes} classes but the model has {out.shape[1]} outputs; check --num-classes"
+            f"{option} {val.path} has {val.classes} classes but the model has {out.shape[1]} outputs; check --num-classes"
         )
 
 
@@ -404,3 +425,36 @@ def output_paths(args: argparse.Namespace) -> tuple[Path, Optional[Path]]:
                 fail(f"--report {report} would overwrite a checkpoint; choose another path")
             check_output(report, force=True, what="report")
     return out, report
+
+
+def diagnose_outputs(args: argparse.Namespace) -> tuple[Optional[Path], Optional[Path]]:
+    """``diagnose``'s --report and --plot, checked before any work; neither may replace an input."""
+    inputs = {Path(p).resolve() for p in (args.checkpoint, args.compare_to) if p}
+    paths: list[Optional[Path]] = []
+    for option, value in (("--report", args.report), ("--plot", args.plot)):
+        path = Path(value) if value else None
+        if path is not None:
+            if path.resolve() in inputs:
+                fail(f"{option} {path} would overwrite a checkpoint; choose another path")
+            check_output(path, force=True, what=option[2:])
+        paths.append(path)
+    report, plot = paths
+    if report is not None and plot is not None and report.resolve() == plot.resolve():
+        fail("--report and --plot name the same file; choose two paths")
+    if plot is not None:
+        try:
+            from matplotlib.figure import Figure
+        except ImportError:
+            fail("--plot needs matplotlib, which is not installed: pip install matplotlib")
+        formats = Figure().canvas.get_supported_filetypes()
+        if plot.suffix.lower().lstrip(".") not in formats:
+            fail(
+                f"Expected --plot to end in an image suffix ({', '.join('.' + f for f in sorted(formats))}), "
+                f"but got {plot.name!r}"
+            )
+    return report, plot
+
+
+def load_other_model(args: argparse.Namespace, path: str, device: torch.device) -> nn.Module:
+    """The model of CKPT again (same --arch/--model options), with the weights in ``path``."""
+    return load_model(argparse.Namespace(**{**vars(args), "checkpoint": path}), device)[0]
