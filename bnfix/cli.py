@@ -15,6 +15,7 @@ import contextlib
 import json
 import logging
 import os
+import shlex
 import sys
 import traceback
 import warnings
@@ -22,6 +23,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+import torch
 from torch import nn
 
 import bnfix
@@ -36,6 +38,7 @@ from bnfix.options import (
     EXIT_INTERNAL,
     EXIT_INTERRUPTED,
     EXIT_OK,
+    demo_parser,
     diagnose_parser,
     program_parser,
     recalibrate_parser,
@@ -237,10 +240,43 @@ def run_diagnose(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# --- demo ----------------------------------------------------------------------------------------
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    """The ``demo`` subcommand: make a broken checkpoint, then run ``recalibrate`` on it via :func:`main`."""
+    try:
+        import sklearn.datasets  # noqa: F401  (the demo's dataset)
+    except ImportError:
+        fail("The demo needs scikit-learn for its dataset (load_digits): pip install bnfix[demo]")
+    from bnfix.demo import run_scenario
+
+    workdir = Path(args.workdir)
+    if workdir.exists() and not workdir.is_dir():
+        fail(f"--workdir {workdir} is a file; pass a folder (the demo owns it)")
+    extra = [option for option in ("--quiet", "--debug") if getattr(args, option[2:])]
+    extra += ["--device", args.device] if args.device != "auto" else []
+    extra += ["--report", args.report] if args.report else []
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # same numbers on every machine; the demo's model is tiny anyway
+    try:
+        argv, info = run_scenario(args.scenario, workdir, args.seed)
+        argv += extra
+        say = (lambda text: None) if args.quiet else print
+        say(f"bnfix demo, scenario {info['scenario']!r}: {info['description']}")
+        say(
+            f"trained and broken in {info['train_seconds']:.1f} s; checkpoint and data in {workdir}"
+        )
+        say(f"running:\n  python -m bnfix {shlex.join(argv)}\n")
+        sys.stdout.flush()
+        return main(argv)
+    finally:
+        torch.set_num_threads(threads)
+
+
 # --- entry point -------------------------------------------------------------------------------
 
 
-#: Functions that add a subcommand to the subparsers; each sets ``func`` to its runner.
 def add_recalibrate_command(subparsers: Any) -> None:
     """``bnfix recalibrate``."""
     recalibrate_parser(subparsers).set_defaults(func=run_recalibrate)
@@ -251,8 +287,17 @@ def add_diagnose_command(subparsers: Any) -> None:
     diagnose_parser(subparsers).set_defaults(func=run_diagnose)
 
 
+def add_demo_command(subparsers: Any) -> None:
+    """``bnfix demo``."""
+    demo_parser(subparsers).set_defaults(func=run_demo)
+
+
 #: Functions that add a subcommand to the subparsers; each sets ``func`` to its runner.
-COMMANDS: list[Callable[[Any], None]] = [add_recalibrate_command, add_diagnose_command]
+COMMANDS: list[Callable[[Any], None]] = [
+    add_recalibrate_command,
+    add_diagnose_command,
+    add_demo_command,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -262,6 +307,10 @@ def build_parser() -> argparse.ArgumentParser:
     for add in COMMANDS:
         add(subparsers)
     return parser
+
+
+class _Handler(logging.StreamHandler):
+    """The handler :func:`configure_logging` installs (recognized when ``main`` nests)."""
 
 
 @contextlib.contextmanager
@@ -274,9 +323,11 @@ def configure_logging(quiet: bool, debug: bool) -> Iterator[None]:
     """
     package, core = logging.getLogger("bnfix"), logging.getLogger("bnfix.core")
     saved = (package.level, core.level)
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _Handler(sys.stderr)
     handler.setFormatter(logging.Formatter("bnfix: %(levelname)s: %(message)s"))
-    package.addHandler(handler)
+    nested = any(isinstance(h, _Handler) for h in package.handlers)  # demo -> main(argv)
+    if not nested:
+        package.addHandler(handler)
     package.setLevel(logging.DEBUG if debug else logging.ERROR if quiet else logging.WARNING)
     core.setLevel(logging.NOTSET if debug else logging.ERROR)
     try:

@@ -19,6 +19,7 @@ __all__ = [
     "add_data_options",
     "add_misc_options",
     "add_model_options",
+    "demo_parser",
     "diagnose_parser",
     "program_parser",
     "recalibrate_parser",
@@ -265,6 +266,63 @@ def diagnose_parser(subparsers: Any) -> argparse.ArgumentParser:
         metavar="OTHER_CKPT",
         help="diagnose this checkpoint of the same model on the same data too (e.g. the "
         "recalibrated one); print and plot both side by side",
+    )
+    add_misc_options(parser)
+    return parser
+
+
+def demo_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """``bnfix demo [--workdir DIR] [--scenario NAME] ...``: scenarios listed from bnfix.demo."""
+    from bnfix.demo import DEFAULT_SCENARIO, SCENARIOS
+
+    width = max(len(name) for name in SCENARIOS) + 4
+    scenarios = "\n".join(
+        textwrap.fill(
+            description + (" (default)" if name == DEFAULT_SCENARIO else ""),
+            width=88,
+            initial_indent=f"  {name:<{width - 2}}",
+            subsequent_indent=" " * width,
+        )
+        for name, (description, _) in SCENARIOS.items()
+    )
+    parser = subparsers.add_parser(
+        "demo",
+        help="show the problem and the cure on real data (scikit-learn's digits), offline",
+        description=textwrap.fill(
+            "Train a small BatchNorm network on scikit-learn's handwritten digits (shipped with "
+            "scikit-learn, nothing is downloaded), break its running statistics the way real "
+            "projects do, write the checkpoint and the data to --workdir, then print and run the "
+            "very `python -m bnfix recalibrate` command a user would run. Seeded and "
+            "single-threaded: the same numbers on every run. Needs `pip install bnfix[demo]`.",
+            width=88,
+            break_on_hyphens=False,
+        ),
+        epilog="scenarios (--scenario):\n" + scenarios + "\n\n" + EXIT_CODES,
+        formatter_class=_Formatter,
+    )
+    parser.add_argument(
+        "--workdir",
+        metavar="DIR",
+        default="bnfix-demo",
+        help="folder the demo owns: model.pt, calib.npz, val.npz and model.bnfix.pt are "
+        "rewritten on every run (default: ./bnfix-demo)",
+    )
+    parser.add_argument(
+        "--scenario",
+        metavar="NAME",
+        choices=list(SCENARIOS),
+        default=DEFAULT_SCENARIO,
+        help=f"which cause of bad eval accuracy, listed below (default: {DEFAULT_SCENARIO})",
+    )
+    parser.add_argument(
+        "--seed",
+        metavar="N",
+        type=int,
+        default=0,
+        help="seeds the data split, the training and the shuffle (default: 0)",
+    )
+    parser.add_argument(
+        "--report", metavar="PATH.json", help="passed to recalibrate: the comparison as JSON"
     )
     add_misc_options(parser)
     return parser
