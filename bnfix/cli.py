@@ -33,6 +33,7 @@ from bnfix.data import DataInfo
 from bnfix.errors import BnfixError
 from bnfix.layers import select_layers, unwrap
 from bnfix.options import (
+    DEFAULT_TOL,
     EXIT_BAD_INPUT,
     EXIT_DECLINED,
     EXIT_INTERNAL,
@@ -57,6 +58,7 @@ from bnfix.session import (
     num_batches,
     output_paths,
     parse_momentum,
+    parse_tol,
     probe,
     resolve_device,
 )
@@ -72,6 +74,7 @@ _BAD_INPUT = (BadInput, BnfixError, FileNotFoundError)
 def run_recalibrate(args: argparse.Namespace) -> int:
     """The ``recalibrate`` subcommand."""
     momentum = parse_momentum(args.momentum)
+    tol = parse_tol(args, DEFAULT_TOL)
     device = resolve_device(args.device)
     out, report_path = output_paths(args)
     if args.only_if_better and not args.val:
@@ -80,7 +83,9 @@ def run_recalibrate(args: argparse.Namespace) -> int:
     try:
 
         def setup() -> tuple[Any, ...]:
-            validate_options(nn.Module(), num_batches(args), momentum, process_group=dist.group)
+            validate_options(
+                nn.Module(), num_batches(args), momentum, tol, process_group=dist.group
+            )
             model, checkpoint = load_model(args, device)
             select_layers(model, args.layers)
             calib, calib_info = build_calib_loader(args, dist)
@@ -97,6 +102,7 @@ def run_recalibrate(args: argparse.Namespace) -> int:
         options = {
             "num_batches": num_batches(args),
             "momentum": momentum,
+            "tol": tol,
             "layers": args.layers,
             "dropout": args.dropout,
             "device": device,

@@ -8,13 +8,19 @@ module that does).
 from __future__ import annotations
 
 import argparse
+import inspect
 import textwrap
 from typing import Any, NoReturn
 
 import bnfix
+from bnfix.core import recalibrate
 from bnfix.session import fail
 
+#: ``--tol`` when not given: the library's own default, so the CLI cannot drift from it.
+DEFAULT_TOL: float = inspect.signature(recalibrate).parameters["tol"].default
+
 __all__ = [
+    "DEFAULT_TOL",
     "EXIT_CODES",
     "add_data_options",
     "add_misc_options",
@@ -200,6 +206,13 @@ def recalibrate_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--dropout",
         action="store_true",
         help="keep dropout on while calibrating (off by default: eval never drops)",
+    )
+    group.add_argument(
+        "--tol",
+        metavar="FLOAT",
+        type=float,
+        help="with --num-batches auto: stop once every layer's relative standard error is below "
+        f"this (default: {DEFAULT_TOL})",
     )
     group = parser.add_argument_group("output")
     group.add_argument(

@@ -44,6 +44,7 @@ __all__ = [
     "num_batches",
     "output_paths",
     "parse_momentum",
+    "parse_tol",
     "probe",
     "resolve_device",
 ]
@@ -390,6 +391,17 @@ def check_output(path: Path, *, force: bool, what: str = "output") -> None:
         fail(f"Cannot write the {what} {path}: {parent} is not an existing folder")
     if not os.access(parent, os.W_OK | os.X_OK):
         fail(f"Cannot write the {what} {path}: no write permission in {parent}")
+
+
+def parse_tol(args: argparse.Namespace, default: float) -> float:
+    """--tol, which only means something with --num-batches auto (``default`` when not given)."""
+    if args.tol is None:
+        return default
+    if args.num_batches != "auto":
+        fail("--tol sets when --num-batches auto stops; pass --num-batches auto or drop --tol")
+    if not args.tol > 0:
+        fail(f"Expected --tol to be a positive float, but got {args.tol}")
+    return float(args.tol)
 
 
 def parse_momentum(text: str) -> Any:
