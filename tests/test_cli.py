@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import inspect
 import json
 import os
 import re
@@ -616,3 +617,55 @@ def test_torchrun_two_processes_merge_exactly(tmp_path: Path, data: dict[str, Pa
     assert (
         int(out["model"]["bn1.num_batches_tracked"]) == 6
     )  # 10 samples per rank in batches of 4, 4, 2
+
+
+# --- --num-batches auto --tol ----------------------------------------------------------------
+
+
+def test_num_batches_auto_with_tol(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "net.py").write_text(
+        "import torch.nn as nn\n"
+        "def build():\n"
+        "    return nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),\n"
+        "                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 4))\n"
+    )
+    torch.manual_seed(0)
+    _save(tmp_path / "tiny.pt", corrupt_bn(TinyNet()).state_dict())
+    calib = arrays(tmp_path / "c.npz", n=40, size=8, classes=None)
+    base = ("recalibrate", tmp_path / "tiny.pt", "--model", f"{tmp_path / 'net.py'}:build",
+            "--calib", calib, "--batch-size", "4", "--dry-run")  # fmt: skip
+
+    def samples(*extra: str) -> int:
+        code, out, err = run_cli(*base, *extra)
+        assert code == 0, err
+        match = re.search(r"on (\d+) samples in (\d+) batch", out)
+        assert match, out
+        return int(match.group(1))
+
+    # A huge tolerance stops at the 5-batch minimum; a tiny one never stops early; the default
+    # is the library's (0.05), which these 10 noisy batches of 4 do not reach either.
+    assert samples("--num-batches", "auto", "--tol", "1e9") == 20
+    assert samples("--num-batches", "auto", "--tol", "1e-9") == 40
+    seen: list[Any] = []
+    real = bnfix.recalibrate
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        seen.append(kwargs["tol"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(bnfix, "recalibrate", spy)
+    assert samples("--num-batches", "auto") == 40
+    assert seen == [inspect.signature(real).parameters["tol"].default]
+    for extra, pattern in (
+        (("--tol", "0.1"), "--tol sets when --num-batches auto stops"),
+        (
+            ("--num-batches", "auto", "--tol", "0"),
+            "Expected --tol to be a positive float, but got 0.0",
+        ),
+        (("--num-batches", "auto", "--tol", "nan"), "positive float, but got nan"),
+        (("--num-batches", "auto", "--tol", "x"), "invalid float value: 'x'"),
+    ):
+        code, out, err = run_cli(*base, *extra)
+        assert code == 2 and out == "" and re.search(pattern, _one_line(err)), err
+    code, out, _ = run_cli("recalibrate", "--help")
+    assert "--tol FLOAT" in out and "(default: 0.05)" in out
