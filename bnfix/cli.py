@@ -32,6 +32,7 @@ from bnfix.core import validate_options
 from bnfix.data import DataInfo
 from bnfix.errors import BnfixError
 from bnfix.layers import select_layers, unwrap
+from bnfix.models import load_model, load_other_model
 from bnfix.options import (
     DEFAULT_TOL,
     EXIT_BAD_INPUT,
@@ -44,7 +45,7 @@ from bnfix.options import (
     program_parser,
     recalibrate_parser,
 )
-from bnfix.report import Comparison, Report, json_safe
+from bnfix.report import Comparison, Report, fmt_percent, json_safe
 from bnfix.session import (
     BadInput,
     build_calib_loader,
@@ -53,8 +54,6 @@ from bnfix.session import (
     diagnose_outputs,
     fail,
     init_distributed,
-    load_model,
-    load_other_model,
     num_batches,
     output_paths,
     parse_momentum,
@@ -157,16 +156,12 @@ def _finish(
     if args.dry_run:
         say(f"dry run: nothing written (would write {out})")
     elif declined and comparison is not None:
-        fell = f"{_pct(comparison.before.top1)} to {_pct(comparison.after.top1)}"
+        fell = f"{fmt_percent(comparison.before.top1)} to {fmt_percent(comparison.after.top1)}"
         say(f"not written: top-1 fell from {fell} (--only-if-better)")
         return EXIT_DECLINED
     else:
         say(f"fixed checkpoint: {out}" + (f"\nreport: {report_path}" if report_path else ""))
     return EXIT_OK
-
-
-def _pct(value: Optional[float]) -> str:
-    return "-" if value is None else f"{100 * value:.2f}%"
 
 
 def _report_json(

@@ -6,15 +6,17 @@ looks). The caller runs the model with the layers in train mode at momentum 1.0 
 reads the layer's own batch statistics from its buffers (the fast path, no second pass over the
 activations) or, for a BN subclass whose buffers do not hold the standard update (checked on the
 first call), takes the moments of the input itself. Rows are folded in chunks with Chan's formula
-in float64 (:mod:`bnfix.stats`).
+in float64 (:mod:`bnfix.stats`). :func:`run_pass` is recalibrate's calibration pass over a loader.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import math
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -22,12 +24,15 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from bnfix.batches import ForwardFn, batch_size, default_target, progress_bar, to_device
 from bnfix.layers import SkipBatch, bn_mode, elements_per_channel
 from bnfix.stats import Moments, RowBuffer, SpreadTracker, ema_rows, moments_of, pool_rows
 
-__all__ = ["Collector", "LayerStats", "batch_stats"]
+__all__ = ["Collector", "LabelCheck", "LayerStats", "PassResult", "batch_stats", "run_pass"]
 
 logger = logging.getLogger(__name__)
+
+_AUTO_MIN_BATCHES = 5  # a spread estimated from fewer batches is too noisy to stop on
 
 
 @dataclass
@@ -239,3 +244,102 @@ def batch_stats(model: nn.Module, modules: list[_BatchNorm], dropout: bool) -> I
             m.running_mean.zero_()  # type: ignore[union-attr]
             m.running_var.fill_(1.0)  # type: ignore[union-attr]
         yield
+
+
+@dataclass
+class LabelCheck:
+    """Spots class-sorted loaders from the labels that pass by (when batches carry labels).
+
+    A sorted loader has at most (classes - 1) batches that straddle two classes; a shuffled one
+    has almost no single-class batches. So: warn when several classes were seen but at most
+    (classes - 1) batches were mixed.
+    """
+
+    classes: set[int] = field(default_factory=set)
+    mixed: int = 0
+    labelled: int = 0
+
+    def add(self, target: Any) -> None:
+        """Look at one batch's labels (anything but an integer tensor of 2+ labels is ignored)."""
+        if not isinstance(target, Tensor) or target.numel() < 2 or target.is_floating_point():
+            return
+        flat = target.reshape(-1)
+        self.labelled += 1
+        self.mixed += int(bool((flat != flat[0]).any()))
+        self.classes.update(int(c) for c in (flat[0], flat[-1]))
+
+    def note(self) -> Optional[str]:
+        """The warning for the report, or None when the loader does not look sorted."""
+        if (
+            len(self.classes) < 2
+            or self.mixed > len(self.classes) - 1
+            or self.labelled <= self.mixed
+        ):
+            return None
+        return (
+            f"{self.labelled - self.mixed} of {self.labelled} calibration batches hold a single "
+            "class: the loader looks class-sorted, which biases batch statistics; shuffle it "
+            "(DataLoader(..., shuffle=True))"
+        )
+
+
+@dataclass
+class PassResult:
+    """Counters of one calibration pass."""
+
+    used: int = 0
+    samples: int = 0
+    skipped: int = 0
+    rse: Optional[float] = None
+    labels: LabelCheck = field(default_factory=LabelCheck)
+
+
+def run_pass(
+    model: nn.Module,
+    loader: Iterable[Any],
+    collector: Collector,
+    *,
+    limit: Optional[int],
+    auto: Optional[float],
+    dropout: bool,
+    forward: ForwardFn,
+    device: torch.device,
+    progress: bool,
+) -> PassResult:
+    """Run the calibration batches with the selected BN layers on batch statistics.
+
+    Everything is restored on exit by :func:`bnfix.collect.batch_stats` and the collector's hooks
+    context, also when the loader or the model raises. A batch on which some layer would see a
+    single element per channel is abandoned as a whole (:class:`bnfix.layers.SkipBatch`), so no
+    layer counts part of it.
+    """
+    result = PassResult()
+    modules = [state.module for state in collector.states]
+    with batch_stats(model, modules, dropout=dropout), collector.hooks():
+        with progress_bar(loader, limit, progress, "bnfix calibrate") as bar:
+            start = time.perf_counter()
+            for index, batch in enumerate(itertools.islice(loader, limit)):
+                bar.update(1)
+                result.labels.add(default_target(batch))
+                try:
+                    forward(model, to_device(batch, device))
+                except SkipBatch as skip:
+                    collector.discard()
+                    result.skipped += 1
+                    logger.debug(
+                        "skipped batch %d: %s would see one element per channel", index, skip
+                    )
+                    continue
+                collector.commit(index)
+                result.used += 1
+                result.samples += batch_size(batch)
+                rate = result.samples / max(time.perf_counter() - start, 1e-9)
+                if auto is not None and result.used >= _AUTO_MIN_BATCHES:
+                    result.rse = collector.relative_standard_error()
+                    bar.set_postfix(samples_per_s=f"{rate:.0f}", rse=f"{result.rse:.4f}")
+                    if result.rse <= auto:
+                        break
+                else:
+                    bar.set_postfix(samples_per_s=f"{rate:.0f}")
+        collector.finish()
+    return result

@@ -19,12 +19,10 @@ How it works, in one pass and no more than one forward per batch:
 
 from __future__ import annotations
 
-import itertools
 import logging
 import numbers
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Union
 
 import torch
@@ -34,18 +32,13 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from bnfix import distributed
 from bnfix.batches import (
     ForwardFn,
-    batch_size,
     default_forward,
-    default_target,
     model_device,
-    progress_bar,
-    to_device,
 )
-from bnfix.collect import Collector, LayerStats, batch_stats
+from bnfix.collect import Collector, LayerStats, run_pass
 from bnfix.errors import BnfixError
 from bnfix.layers import (
     LayerSelector,
-    SkipBatch,
     check_lazy,
     select_layers,
     skipped_norm_layers,
@@ -59,8 +52,6 @@ logger = logging.getLogger(__name__)
 
 Momentum = Union[str, float]
 NumBatches = Union[None, int, str]
-
-_AUTO_MIN_BATCHES = 5  # a spread estimated from fewer batches is too noisy to stop on
 
 _Stats = Optional[tuple[Tensor, Tensor, int]]  # new (mean, var, num_batches_tracked), None: unused
 _Saved = tuple[Tensor, Tensor, Tensor]  # a layer's buffers before the call
@@ -136,103 +127,6 @@ def _layer_momentum(
             return 0.1
         return float(own)
     return float(momentum)
-
-
-@dataclass
-class _LabelCheck:
-    """Spots class-sorted loaders from the labels that pass by (when batches carry labels).
-
-    A sorted loader has at most (classes - 1) batches that straddle two classes; a shuffled one
-    has almost no single-class batches. So: warn when several classes were seen but at most
-    (classes - 1) batches were mixed.
-    """
-
-    classes: set[int] = field(default_factory=set)
-    mixed: int = 0
-    labelled: int = 0
-
-    def add(self, target: Any) -> None:
-        if not isinstance(target, Tensor) or target.numel() < 2 or target.is_floating_point():
-            return
-        flat = target.reshape(-1)
-        self.labelled += 1
-        self.mixed += int(bool((flat != flat[0]).any()))
-        self.classes.update(int(c) for c in (flat[0], flat[-1]))
-
-    def note(self) -> Optional[str]:
-        if (
-            len(self.classes) < 2
-            or self.mixed > len(self.classes) - 1
-            or self.labelled <= self.mixed
-        ):
-            return None
-        return (
-            f"{self.labelled - self.mixed} of {self.labelled} calibration batches hold a single "
-            "class: the loader looks class-sorted, which biases batch statistics; shuffle it "
-            "(DataLoader(..., shuffle=True))"
-        )
-
-
-@dataclass
-class _Pass:
-    """Counters of one calibration pass."""
-
-    used: int = 0
-    samples: int = 0
-    skipped: int = 0
-    rse: Optional[float] = None
-    labels: _LabelCheck = field(default_factory=_LabelCheck)
-
-
-def _run_pass(
-    model: nn.Module,
-    loader: Iterable[Any],
-    collector: Collector,
-    *,
-    limit: Optional[int],
-    auto: Optional[float],
-    dropout: bool,
-    forward: ForwardFn,
-    device: torch.device,
-    progress: bool,
-) -> _Pass:
-    """Run the calibration batches with the selected BN layers on batch statistics.
-
-    Everything is restored on exit by :func:`bnfix.collect.batch_stats` and the collector's hooks
-    context, also when the loader or the model raises. A batch on which some layer would see a
-    single element per channel is abandoned as a whole (:class:`bnfix.layers.SkipBatch`), so no
-    layer counts part of it.
-    """
-    result = _Pass()
-    modules = [state.module for state in collector.states]
-    with batch_stats(model, modules, dropout=dropout), collector.hooks():
-        with progress_bar(loader, limit, progress, "bnfix calibrate") as bar:
-            start = time.perf_counter()
-            for index, batch in enumerate(itertools.islice(loader, limit)):
-                bar.update(1)
-                result.labels.add(default_target(batch))
-                try:
-                    forward(model, to_device(batch, device))
-                except SkipBatch as skip:
-                    collector.discard()
-                    result.skipped += 1
-                    logger.debug(
-                        "skipped batch %d: %s would see one element per channel", index, skip
-                    )
-                    continue
-                collector.commit(index)
-                result.used += 1
-                result.samples += batch_size(batch)
-                rate = result.samples / max(time.perf_counter() - start, 1e-9)
-                if auto is not None and result.used >= _AUTO_MIN_BATCHES:
-                    result.rse = collector.relative_standard_error()
-                    bar.set_postfix(samples_per_s=f"{rate:.0f}", rse=f"{result.rse:.4f}")
-                    if result.rse <= auto:
-                        break
-                else:
-                    bar.set_postfix(samples_per_s=f"{rate:.0f}")
-        collector.finish()
-    return result
 
 
 def _final_stats(
@@ -399,7 +293,7 @@ def recalibrate(
     start = time.perf_counter()
     try:
         with torch.no_grad():
-            run = _run_pass(
+            run = run_pass(
                 model,
                 loader,
                 collector,
