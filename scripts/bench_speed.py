@@ -176,7 +176,12 @@ def main() -> None:
         base_mem = None if args.no_memory else memory(args, name, "plain")
         for method in methods:
             ratios = [t / p for t, p in zip(times[method], times["plain"])]
-            mem = "" if base_mem is None else f"{memory(args, name, method) / base_mem:.3f}"
+            if base_mem is None:
+                mem = ""
+            elif method == "plain":
+                mem = f"1.000 ({base_mem:.0f} MiB)"
+            else:
+                mem = f"{memory(args, name, method) / base_mem:.3f}"
             print(
                 f"| {name} | {method} | {statistics.median(ratios):.3f} | "
                 f"{min(ratios):.3f}-{max(ratios):.3f} | {statistics.median(times[method]):.3f} | {mem} |",
