@@ -4,8 +4,9 @@ The physical limit of any recalibration is one ``torch.no_grad()`` forward with 
 statistics over the same batches. This script times that ("plain"), ``bnfix.recalibrate``,
 ``torch.optim.swa_utils.update_bn`` and fvcore's ``update_bn_stats`` (if fvcore is installed),
 interleaved round by round so that machine noise hits all methods alike, and reports the median
-ratio to "plain" with its spread (min-max over rounds). Peak memory is ``ru_maxrss`` of one fresh
-subprocess per method (CPU) or ``torch.cuda.max_memory_allocated`` (CUDA).
+ratio to "plain" with its spread (min-max over rounds). Memory: the extra peak a method needs over
+what model and data already hold, measured in one fresh subprocess per method (CPU: peak resident
+size via /proc, Linux only; CUDA: ``torch.cuda.max_memory_allocated``).
 
 Usage:
     python scripts/bench_speed.py                 # resnet18, mobilenet_v3_small, mlp; 9 rounds
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -103,29 +103,51 @@ def time_methods(args: argparse.Namespace, name: str, methods: list[str]) -> dic
     for method in methods:  # warm-up (allocator, kernels, lazy imports)
         RUNNERS[method](model, batches[:2])
     times: dict[str, list[float]] = {m: [] for m in methods}
+    now = time.process_time if args.clock == "cpu" else time.perf_counter
     for r in range(args.rounds):
         order = methods[r % len(methods) :] + methods[: r % len(methods)]  # rotate the order
         for method in order:
             sync(args.device)
-            start = time.perf_counter()
+            start = now()
             RUNNERS[method](model, batches)
             sync(args.device)
-            times[method].append(time.perf_counter() - start)
+            times[method].append(now() - start)
     return times
 
 
+def _rss_mib(field: str) -> float:
+    """A field of /proc/self/status (VmRSS: resident now, VmHWM: peak since the last reset)."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
 def child_memory(args: argparse.Namespace) -> None:
-    """Run one method once in this fresh process and print its peak memory in MiB."""
+    """Run one method once in this fresh process; print the extra memory its run needed (MiB).
+
+    CPU: the peak resident size during the run minus the resident size just before it (the peak
+    is reset through /proc/self/clear_refs, so importing torch and building the data do not
+    count). CUDA: the peak of allocated memory minus what was allocated before.
+    """
     model = build(args.model).to(args.device)
     batches = make_batches(args.model, args.batches, args.batch_size, args.image_size, args.device)
+    RUNNERS[args.child](model, batches[:2])  # one-time costs: lazy imports, allocator pools
     if args.device.startswith("cuda"):
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated() / 2**20
         torch.cuda.reset_peak_memory_stats()
-    RUNNERS[args.child](model, batches)
-    if args.device.startswith("cuda"):
-        peak = torch.cuda.max_memory_allocated() / 2**20
+        RUNNERS[args.child](model, batches)
+        torch.cuda.synchronize()
+        extra = torch.cuda.max_memory_allocated() / 2**20 - before
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"peak_mib": peak}))
+        before = _rss_mib("VmRSS")
+        with open("/proc/self/clear_refs", "w") as refs:
+            refs.write("5")  # reset VmHWM (the peak resident size) to the current size
+        RUNNERS[args.child](model, batches)
+        extra = _rss_mib("VmHWM") - before
+    print(json.dumps({"extra_mib": extra}))
 
 
 def memory(args: argparse.Namespace, name: str, method: str) -> float:
@@ -135,7 +157,7 @@ def memory(args: argparse.Namespace, name: str, method: str) -> float:
         "--image-size", str(args.image_size), "--threads", str(args.threads),
     ]  # fmt: skip
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-    return float(json.loads(out.strip().splitlines()[-1])["peak_mib"])
+    return float(json.loads(out.strip().splitlines()[-1])["extra_mib"])
 
 
 def main() -> None:
@@ -149,6 +171,12 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=112)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="wall time, or this process's CPU time (steadier on a shared, noisy machine)",
+    )
     parser.add_argument("--quick", action="store_true", help="3 rounds of 5 batches")
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--child", choices=METHODS, help=argparse.SUPPRESS)
@@ -166,8 +194,10 @@ def main() -> None:
           + ("" if args.models == "mlp" else f"x3x{args.image_size}x{args.image_size}"))  # fmt: skip
     if "fvcore" not in methods:
         print("fvcore is not installed: its column is skipped (pip install fvcore)")
+    clock = "CPU s" if args.clock == "cpu" else "s"
     header = (
-        "| model | method | median time / plain | spread (min-max) | median s | peak MiB / plain |"
+        f"| model | method | median time / plain | spread (min-max) | median {clock} "
+        "| extra peak memory |"
     )
     print(header)
     print("|---|---|---|---|---|---|")
@@ -179,9 +209,9 @@ def main() -> None:
             if base_mem is None:
                 mem = ""
             elif method == "plain":
-                mem = f"1.000 ({base_mem:.0f} MiB)"
+                mem = f"{base_mem:.0f} MiB"
             else:
-                mem = f"{memory(args, name, method) / base_mem:.3f}"
+                mem = f"{memory(args, name, method):.0f} MiB"
             print(
                 f"| {name} | {method} | {statistics.median(ratios):.3f} | "
                 f"{min(ratios):.3f}-{max(ratios):.3f} | {statistics.median(times[method]):.3f} | {mem} |",
