@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from bnfix.core import recalibrate
 from bnfix.diagnose import diagnose
-from bnfix.diagnosis_report import Diagnosis
+from bnfix.diagnosis_report import Diagnosis, LayerDrift, Verdict
 from bnfix.errors import BnfixError, BnfixWarning
 from bnfix.evaluate import compare, evaluate
 from bnfix.layers import bn_layers
@@ -27,8 +27,10 @@ __all__ = [
     "Comparison",
     "Diagnosis",
     "Evaluation",
+    "LayerDrift",
     "LayerReport",
     "Report",
+    "Verdict",
     "__version__",
     "bn_layers",
     "compare",

@@ -14,4 +14,9 @@ class BnfixError(RuntimeError):
 
 
 class BnfixWarning(UserWarning):
-    """Something the user should know about the result (class-sorted batches, unused layers...)."""
+    """A misuse that ``warnings`` should surface once per process (ranks without a process group).
+
+    Notes about one result (class-sorted batches, unused layers, skipped batches...) are not
+    warnings of this kind: they are listed in ``report.warnings`` and logged on the ``bnfix``
+    logger, so they reach users who never look at the report.
+    """

@@ -24,13 +24,19 @@ from bnfix import demo
 BATCH = 16
 
 
+MARKERS = "s^Dv"
+MARKER_NAMES = {"s": "square", "^": "triangle", "D": "diamond", "v": "down-triangle"}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="2 seeds, 4 training epochs")
     parser.add_argument("--scenarios", default=",".join(demo.SCENARIOS))
     parser.add_argument(
-        "--tol", default="0.2,0.15,0.1", help="comma-separated tolerances for 'auto'"
+        "--tol",
+        default="0.2,0.15,0.1,0.05",
+        help="comma-separated tolerances for 'auto' (4 at most)",
     )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=None, help="also write the markdown here")
@@ -39,6 +45,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     seeds = range(2 if args.quick else args.seeds)
     tols = [float(t) for t in args.tol.split(",")]
+    if len(tols) > len(MARKERS):
+        parser.error(f"at most {len(MARKERS)} tolerances, one marker each")
     start = time.perf_counter()
 
     curves: dict[str, dict[int, list[float]]] = {}
@@ -107,7 +115,7 @@ def main() -> None:
             ax.plot(
                 ns, [100 * statistics.fmean(curve[n]) for n in ns], "o-", color=color, label=name
             )
-            for tol, marker in zip(tols, "s^D"):
+            for tol, marker in zip(tols, MARKERS):
                 runs = auto[(name, tol)]
                 ax.plot(
                     statistics.fmean(r[0] for r in runs),
@@ -125,8 +133,8 @@ def main() -> None:
             0.99,
             0.02,
             "open markers: num_batches='auto' ("
-            + ", ".join(f"tol={t}" for t in tols)
-            + ": square, triangle, diamond)",
+            + ", ".join(f"tol={t}: {MARKER_NAMES[m]}" for t, m in zip(tols, MARKERS))
+            + ")",
             transform=ax.transAxes,
             ha="right",
             fontsize=7,

@@ -642,20 +642,22 @@ def test_num_batches_auto_with_tol(tmp_path: Path, monkeypatch: pytest.MonkeyPat
         assert match, out
         return int(match.group(1))
 
-    # A huge tolerance stops at the 5-batch minimum; a tiny one never stops early; the default
-    # is the library's (0.05), which these 10 noisy batches of 4 do not reach either.
+    # A huge tolerance stops at the 5-batch minimum; a tiny one never stops early; without
+    # --tol the library's default is used, and gives what that tolerance given explicitly gives.
     assert samples("--num-batches", "auto", "--tol", "1e9") == 20
     assert samples("--num-batches", "auto", "--tol", "1e-9") == 40
-    seen: list[Any] = []
     real = bnfix.recalibrate
+    default = inspect.signature(real).parameters["tol"].default
+    expected = samples("--num-batches", "auto", "--tol", repr(default))
+    seen: list[Any] = []
 
     def spy(*args: Any, **kwargs: Any) -> Any:
         seen.append(kwargs["tol"])
         return real(*args, **kwargs)
 
     monkeypatch.setattr(bnfix, "recalibrate", spy)
-    assert samples("--num-batches", "auto") == 40
-    assert seen == [inspect.signature(real).parameters["tol"].default]
+    assert samples("--num-batches", "auto") == expected
+    assert seen == [default]
     for extra, pattern in (
         (("--tol", "0.1"), "--tol sets when --num-batches auto stops"),
         (
@@ -668,4 +670,4 @@ def test_num_batches_auto_with_tol(tmp_path: Path, monkeypatch: pytest.MonkeyPat
         code, out, err = run_cli(*base, *extra)
         assert code == 2 and out == "" and re.search(pattern, _one_line(err)), err
     code, out, _ = run_cli("recalibrate", "--help")
-    assert "--tol FLOAT" in out and "(default: 0.05)" in out
+    assert "--tol FLOAT" in out and f"(default: {default})" in out
