@@ -1,7 +1,8 @@
 """Speed and peak memory of BN recalibration: bnfix vs the plain forward vs its peers.
 
 The physical limit of any recalibration is one ``torch.no_grad()`` forward with BN on batch
-statistics over the same batches. This script times that ("plain"), ``bnfix.recalibrate``,
+statistics over the same batches. This script times that ("plain"), the same with no-op hooks on
+every BN layer ("hooks": the floor of any hook-based method), ``bnfix.recalibrate``,
 ``torch.optim.swa_utils.update_bn`` and fvcore's ``update_bn_stats`` (if fvcore is installed),
 interleaved round by round so that machine noise hits all methods alike, and reports the median
 ratio to "plain" with its spread (min-max over rounds). Memory: the extra peak a method needs over
@@ -30,7 +31,7 @@ from torch import nn
 
 import bnfix
 
-METHODS = ("plain", "bnfix", "update_bn", "fvcore")
+METHODS = ("plain", "hooks", "bnfix", "update_bn", "fvcore")
 
 
 def build(name: str) -> nn.Module:
@@ -59,6 +60,22 @@ def plain(model: nn.Module, batches: list[torch.Tensor]) -> None:
             model(x)
 
 
+def plain_with_hooks(model: nn.Module, batches: list[torch.Tensor]) -> None:
+    """The plain forward with a no-op pre-hook and forward hook on every BN layer.
+
+    Isolates what PyTorch's hook dispatch costs: bnfix (like fvcore's PreciseBN) reads each
+    layer's statistics through such hooks, so this is the floor for any hook-based method.
+    """
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    handles = [m.register_forward_pre_hook(lambda module, args: None) for m in bns]
+    handles += [m.register_forward_hook(lambda module, args, out: None) for m in bns]
+    try:
+        plain(model, batches)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def run_bnfix(model: nn.Module, batches: list[torch.Tensor]) -> None:
     bnfix.recalibrate(model, batches)
 
@@ -76,6 +93,7 @@ def run_fvcore(model: nn.Module, batches: list[torch.Tensor]) -> None:
 
 RUNNERS: dict[str, Callable[[nn.Module, list[torch.Tensor]], None]] = {
     "plain": plain,
+    "hooks": plain_with_hooks,
     "bnfix": run_bnfix,
     "update_bn": run_update_bn,
     "fvcore": run_fvcore,
