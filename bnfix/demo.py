@@ -141,16 +141,19 @@ def _pinned(threads: int, seed: int) -> Iterator[None]:
 
 
 def _train(
-    model: nn.Module,
-    x: Tensor,
-    y: Tensor,
+    net_kwargs: dict[str, Any],
+    data: DigitsSplit,
     *,
     epochs: int,
-    batch_size: int,
-    lr: float,
     seed: int,
+    batch_size: int = 32,
+    lr: float = 0.05,
 ) -> nn.Module:
-    """Plain SGD with cosine decay; drops the last partial batch (BN refuses a batch of 1)."""
+    """A fresh :func:`digits_net` trained on the training digits.
+
+    Plain SGD with cosine decay; drops the last partial batch (BN refuses a batch of 1).
+    """
+    model, x, y = digits_net(**net_kwargs), data.train_x, data.train_y
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
     steps = epochs * (len(y) // batch_size)
@@ -185,15 +188,7 @@ class Scenario:
 
 def _polluted(data: DigitsSplit, seed: int, epochs: int) -> tuple[nn.Module, dict[str, Any]]:
     kwargs: dict[str, Any] = {}
-    model = _train(
-        digits_net(**kwargs),
-        data.train_x,
-        data.train_y,
-        epochs=epochs,
-        batch_size=32,
-        lr=0.05,
-        seed=seed,
-    )
+    model = _train(kwargs, data, epochs=epochs, seed=seed)
     # The accident: features extracted from raw 0..16 pixels with the model left in train mode.
     model.train()
     with torch.no_grad():
@@ -204,15 +199,7 @@ def _polluted(data: DigitsSplit, seed: int, epochs: int) -> tuple[nn.Module, dic
 
 def _tiny_batches(data: DigitsSplit, seed: int, epochs: int) -> tuple[nn.Module, dict[str, Any]]:
     kwargs: dict[str, Any] = {"momentum": 0.9}
-    model = _train(
-        digits_net(**kwargs),
-        data.train_x,
-        data.train_y,
-        epochs=max(1, epochs // 2),
-        batch_size=4,
-        lr=0.01,
-        seed=seed,
-    )
+    model = _train(kwargs, data, epochs=max(1, epochs // 2), seed=seed, batch_size=4, lr=0.01)
     return model, kwargs
 
 
@@ -220,15 +207,7 @@ def _swa(data: DigitsSplit, seed: int, epochs: int) -> tuple[nn.Module, dict[str
     from torch.optim.swa_utils import AveragedModel
 
     kwargs: dict[str, Any] = {}
-    model = _train(
-        digits_net(**kwargs),
-        data.train_x,
-        data.train_y,
-        epochs=max(1, epochs // 2),
-        batch_size=32,
-        lr=0.05,
-        seed=seed,
-    )
+    model = _train(kwargs, data, epochs=max(1, epochs // 2), seed=seed)
     # The SWA phase (Izmailov et al. 2018): a constant, high learning rate, weights averaged once
     # per epoch. AveragedModel copies the buffers now and, by default, never averages them.
     averaged = AveragedModel(model)
@@ -250,29 +229,13 @@ def _swa(data: DigitsSplit, seed: int, epochs: int) -> tuple[nn.Module, dict[str
 
 def _shift(data: DigitsSplit, seed: int, epochs: int) -> tuple[nn.Module, dict[str, Any]]:
     kwargs: dict[str, Any] = {}
-    model = _train(
-        digits_net(**kwargs),
-        data.train_x,
-        data.train_y,
-        epochs=epochs,
-        batch_size=32,
-        lr=0.05,
-        seed=seed,
-    )
+    model = _train(kwargs, data, epochs=epochs, seed=seed)
     return model, kwargs
 
 
 def _dropout(data: DigitsSplit, seed: int, epochs: int) -> tuple[nn.Module, dict[str, Any]]:
     kwargs: dict[str, Any] = {"dropout": 0.5}
-    model = _train(
-        digits_net(**kwargs),
-        data.train_x,
-        data.train_y,
-        epochs=epochs,
-        batch_size=32,
-        lr=0.05,
-        seed=seed,
-    )
+    model = _train(kwargs, data, epochs=epochs, seed=seed)
     return model, kwargs
 
 
