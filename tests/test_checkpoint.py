@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cli_fixtures import TinyNet, corrupt_bn
 from torch import nn
 
 from bnfix.checkpoint import (
@@ -18,11 +19,6 @@ from bnfix.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-
-try:
-    from cli_fixtures import TinyNet, corrupt_bn
-except ImportError:  # tests/ is a package
-    from tests.cli_fixtures import TinyNet, corrupt_bn
 
 
 class Opaque:

@@ -15,32 +15,19 @@ from typing import Any, Callable
 import pytest
 import torch
 import torchvision
+from cli_fixtures import (
+    REPO,
+    TinyNet,
+    arrays,
+    corrupt_bn,
+    image_tree,
+    listing,
+    resnet_state,
+    run_cli,
+)
 
 import bnfix
 from bnfix.data import ImageOptions, load_data, make_loader
-
-try:
-    from cli_fixtures import (
-        REPO,
-        TinyNet,
-        arrays,
-        corrupt_bn,
-        image_tree,
-        listing,
-        resnet_state,
-        run_cli,
-    )
-except ImportError:  # tests/ is a package
-    from tests.cli_fixtures import (
-        REPO,
-        TinyNet,
-        arrays,
-        corrupt_bn,
-        image_tree,
-        listing,
-        resnet_state,
-        run_cli,
-    )
 
 GOLDEN = Path(__file__).parent / "golden"
 MODEL = ("--arch", "resnet18", "--num-classes", "10")

@@ -13,11 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-
-try:
-    from cli_fixtures import REPO, run_cli
-except ImportError:  # tests/ is a package
-    from tests.cli_fixtures import REPO, run_cli
+from cli_fixtures import REPO, run_cli
 
 needs_sklearn = pytest.mark.skipif(
     importlib.util.find_spec("sklearn") is None,

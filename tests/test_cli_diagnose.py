@@ -11,12 +11,8 @@ from typing import Any
 
 import pytest
 import torch
+from cli_fixtures import arrays, corrupt_bn, listing, run_cli
 from torch import nn
-
-try:
-    from cli_fixtures import arrays, corrupt_bn, listing, run_cli
-except ImportError:  # tests/ is a package
-    from tests.cli_fixtures import arrays, corrupt_bn, listing, run_cli
 
 STATISTICS_CAUSES = {"statistics_mismatch", "stale_statistics", "distribution_shift"}
 

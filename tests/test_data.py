@@ -5,14 +5,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cli_fixtures import arrays, image_tree
 from PIL import Image
 
 from bnfix.data import DataError, ImageOptions, ShardSampler, load_data, make_loader
-
-try:
-    from cli_fixtures import arrays, image_tree
-except ImportError:  # tests/ is a package
-    from tests.cli_fixtures import arrays, image_tree
 
 SMALL = ImageOptions(size=16, resize=18)
 
