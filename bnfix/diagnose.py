@@ -122,6 +122,33 @@ def _score(old: Tensor, old_var: Tensor, new: tuple[Tensor, Tensor], eps: float)
     return max(math.inf if math.isnan(v) else v for v in (shift, logvar))
 
 
+def _both_ways(
+    model: nn.Module,
+    modules: list[_BatchNorm],
+    forward: ForwardFn,
+    batch: Any,
+    off: Collector,
+    on: Optional[Collector],
+    device: torch.device,
+    index: int,
+    *,
+    track_order: bool = False,
+) -> Tensor:
+    """Run one batch on BN batch statistics, dropout off and (for models with dropout) on.
+
+    The dropout-off moments go into ``off``, the dropout-on ones into ``on`` (under a private RNG
+    seeded by the batch index, so data and reference batches see comparable masks). Returns the
+    dropout-off output: the train-mode-BN prediction compared with eval mode.
+    """
+    with batch_stats(model, modules, dropout=False), off.hooks(track_order=track_order):
+        out = output_tensor(forward(model, batch)).detach()
+    if on is not None:
+        rng = private_rng(device, _DROPOUT_SEED + index)
+        with rng, batch_stats(model, modules, dropout=True), on.hooks():
+            forward(model, batch)
+    return out
+
+
 @torch.no_grad()
 def diagnose(
     model: nn.Module,
@@ -196,12 +223,10 @@ def diagnose(
             try:
                 with bn_mode(model, []):
                     eval_out = output_tensor(forward(model, moved)).detach()
-                with batch_stats(model, modules, dropout=False), off.hooks(track_order=True):
-                    train_out = output_tensor(forward(model, moved)).detach()
-                if has_dropout:
-                    rng = private_rng(where, _DROPOUT_SEED + index)
-                    with rng, batch_stats(model, modules, dropout=True), on.hooks():
-                        forward(model, moved)
+                train_out = _both_ways(
+                    model, modules, forward, moved, off, on if has_dropout else None, where, index,
+                    track_order=True,
+                )  # fmt: skip
             except SkipBatch:
                 off.discard()
                 on.discard()
@@ -227,12 +252,10 @@ def diagnose(
         for index, batch in enumerate(itertools.islice(reference, num_batches)):
             moved = to_device(batch, where)
             try:
-                with batch_stats(model, modules, dropout=False), ref_off.hooks():
-                    forward(model, moved)
-                if has_dropout:
-                    rng = private_rng(where, _DROPOUT_SEED + index)
-                    with rng, batch_stats(model, modules, dropout=True), ref_on.hooks():
-                        forward(model, moved)
+                _both_ways(
+                    model, modules, forward, moved, ref_off, ref_on if has_dropout else None,
+                    where, index,
+                )  # fmt: skip
             except SkipBatch:
                 ref_off.discard()
                 ref_on.discard()
