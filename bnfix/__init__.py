@@ -11,11 +11,11 @@ The public surface::
 
 from __future__ import annotations
 
-from bnfix.core import recalibrate
-from bnfix.diagnose import diagnose
-from bnfix.diagnosis_report import Diagnosis, LayerDrift, Verdict
+from bnfix.calibration import recalibrate
+from bnfix.diagnosis.measure import diagnose
+from bnfix.diagnosis.result import Diagnosis, LayerDrift, Verdict
 from bnfix.errors import BnfixError, BnfixWarning
-from bnfix.evaluate import compare, evaluate
+from bnfix.evaluation import compare, evaluate
 from bnfix.layers import bn_layers
 from bnfix.report import Comparison, Evaluation, LayerReport, Report
 

@@ -1,7 +1,3 @@
-"""``python -m bnfix``: see :mod:`bnfix.cli`."""
-
-import sys
-
 from bnfix.cli import main
 
-sys.exit(main())
+raise SystemExit(main())

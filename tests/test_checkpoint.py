@@ -11,7 +11,7 @@ import torch
 from cli_fixtures import TinyNet, corrupt_bn
 from torch import nn
 
-from bnfix.checkpoint import (
+from bnfix.cli.checkpoint import (
     STATE_DICT_KEYS,
     CheckpointError,
     apply_state_dict,

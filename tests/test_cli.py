@@ -27,7 +27,7 @@ from cli_fixtures import (
 )
 
 import bnfix
-from bnfix.data import ImageOptions, load_data, make_loader
+from bnfix.cli.data import ImageOptions, load_data, make_loader
 
 GOLDEN = Path(__file__).parent / "golden"
 MODEL = ("--arch", "resnet18", "--num-classes", "10")

@@ -8,7 +8,7 @@ import torch
 from cli_fixtures import arrays, image_tree
 from PIL import Image
 
-from bnfix.data import DataError, ImageOptions, ShardSampler, load_data, make_loader
+from bnfix.cli.data import DataError, ImageOptions, ShardSampler, load_data, make_loader
 
 SMALL = ImageOptions(size=16, resize=18)
 

@@ -1,6 +1,6 @@
 """What :func:`bnfix.diagnose` found: frozen dataclasses, a text table, JSON and an optional plot.
 
-Kept apart from :mod:`bnfix.report` (recalibration results) and from :mod:`bnfix.diagnose` (the
+Kept apart from :mod:`bnfix.report` (recalibration results) and from :mod:`bnfix.diagnosis.measure` (the
 measurements and the verdict rules): collecting, formatting and printing stay separate, as in
 ``torch.utils.collect_env``. ``to_dict()`` is always valid JSON (non-finite floats become None).
 """
@@ -118,7 +118,7 @@ class Verdict:
     Attributes:
         cause: one of ``statistics_mismatch``, ``stale_statistics``, ``distribution_shift``,
             ``dropout_variance_shift``, ``bn_not_the_problem``.
-        confidence: ``high``, ``medium`` or ``low`` (thresholds: :mod:`bnfix.diagnose`).
+        confidence: ``high``, ``medium`` or ``low`` (thresholds: :mod:`bnfix.diagnosis.measure`).
         evidence: the measured numbers the verdict rests on, by name.
         explanation: one or two sentences saying what the numbers mean.
         fix: the command or library call that fixes it.

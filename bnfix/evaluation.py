@@ -11,11 +11,9 @@ from __future__ import annotations
 import contextlib
 import inspect
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -30,7 +28,7 @@ from bnfix.batches import (
     require_reiterable,
     to_device,
 )
-from bnfix.core import recalibrate, validate_options
+from bnfix.calibration import recalibrate, validate_options
 from bnfix.errors import BnfixError
 from bnfix.layers import (
     SkipBatch,
@@ -40,83 +38,12 @@ from bnfix.layers import (
     named_modules,
     select_layers,
 )
+from bnfix.metrics import Counts, Gap
 from bnfix.report import Comparison, Evaluation
 
 __all__ = ["compare", "evaluate"]
 
 Device = Union[None, str, torch.device]
-
-
-@dataclass
-class _Counts:
-    """Running exact counts for one BN mode."""
-
-    topk: tuple[int, ...]
-    samples: int = 0
-    labelled: int = 0
-    correct: dict[int, int] = field(default_factory=dict)
-    loss_sum: Optional[float] = None
-    skipped: int = 0
-
-    def add(self, out: Tensor, target: Optional[Tensor]) -> None:
-        self.samples += out.shape[0] if out.dim() else 1
-        if target is None or not _is_scores(out):
-            return
-        target = target.reshape(-1).to(out.device)
-        if target.is_floating_point() or target.numel() != out.shape[0]:
-            return
-        classes = out.shape[1]
-        if target.numel() and (int(target.min()) < 0 or int(target.max()) >= classes):
-            raise BnfixError(
-                f"Expected labels in [0, {classes}) for a model with {classes} outputs, but got "
-                f"labels from {int(target.min())} to {int(target.max())}; check the number of classes"
-            )
-        self.labelled += target.numel()
-        ranked = out.topk(min(max(self.topk), classes), dim=1).indices
-        hits = ranked == target[:, None]
-        for k in self.topk:
-            self.correct[k] = self.correct.get(k, 0) + int(
-                hits[:, : min(k, classes)].any(dim=1).sum()
-            )
-        loss = float(F.cross_entropy(out.float(), target, reduction="sum"))
-        self.loss_sum = (self.loss_sum or 0.0) + loss
-
-    def result(self, bn: str) -> Evaluation:
-        return Evaluation(
-            self.samples, self.labelled, dict(self.correct), self.loss_sum, bn, self.skipped
-        )
-
-
-@dataclass
-class _Gap:
-    """Eval-vs-train-mode agreement and output gap, over samples where both ran."""
-
-    agree: int = 0
-    compared: int = 0
-    diff_sq: float = 0.0
-    ref_sq: float = 0.0
-    scores: bool = True
-
-    def add(self, eval_out: Tensor, train_out: Tensor) -> None:
-        self.diff_sq += float((eval_out.double() - train_out.double()).square().sum())
-        self.ref_sq += float(train_out.double().square().sum())
-        if _is_scores(eval_out):
-            self.agree += int((eval_out.argmax(1) == train_out.argmax(1)).sum())
-            self.compared += eval_out.shape[0]
-        else:
-            self.scores = False
-
-    @property
-    def agreement(self) -> Optional[float]:
-        return self.agree / self.compared if self.scores and self.compared else None
-
-    @property
-    def output_gap(self) -> Optional[float]:
-        return (self.diff_sq / self.ref_sq) ** 0.5 if self.ref_sq > 0 else None
-
-
-def _is_scores(out: Tensor) -> bool:
-    return out.dim() == 2 and out.shape[1] >= 2 and out.is_floating_point()
 
 
 def _check_topk(topk: Sequence[int]) -> tuple[int, ...]:
@@ -157,13 +84,13 @@ def _passes(
     topk: tuple[int, ...],
     progress: bool,
     desc: str,
-) -> tuple[dict[str, Evaluation], _Gap]:
+) -> tuple[dict[str, Evaluation], Gap]:
     """One pass over ``loader``, running each batch once per BN mode ("eval", "train")."""
     forward = forward_fn or default_forward
     pick_target = target_fn or default_target
     where = torch.device(device) if device is not None else model_device(model)
-    counts = {mode: _Counts(topk) for mode in modes}
-    gap = _Gap()
+    counts = {mode: Counts(topk) for mode in modes}
+    gap = Gap()
     batches = 0
     with torch.no_grad(), progress_bar(loader, None, progress, desc) as bar:
         for batch in loader:
@@ -278,7 +205,7 @@ def compare(
     require_reiterable(val_loader, "val_loader")
     ks = _check_topk(topk)
 
-    def both_modes(desc: str) -> tuple[dict[str, Evaluation], _Gap]:
+    def both_modes(desc: str) -> tuple[dict[str, Evaluation], Gap]:
         return _passes(
             model,
             val_loader,

@@ -19,7 +19,7 @@ from typing import Any, NoReturn, Optional, TypeVar
 import torch
 from torch import nn
 
-from bnfix.data import DataInfo, ImageOptions, load_data, make_loader
+from bnfix.cli.data import DataInfo, ImageOptions, load_data, make_loader
 
 __all__ = [
     "BadInput",

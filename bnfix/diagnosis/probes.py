@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from bnfix.evaluate import _Counts, _Gap
+from bnfix.metrics import Counts, Gap
 
 __all__ = ["Pair", "kl_divergence", "private_rng", "written"]
 
@@ -51,8 +51,8 @@ class Pair:
     """Exact counts for two ways of running the same batches, and the gap between them."""
 
     def __init__(self) -> None:
-        self.counts = (_Counts((1,)), _Counts((1,)))
-        self.gap = _Gap()
+        self.counts = (Counts((1,)), Counts((1,)))
+        self.gap = Gap()
         self.kl_sum = 0.0
         self.kl_n = 0
 

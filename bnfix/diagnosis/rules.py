@@ -1,7 +1,7 @@
 """The rules that turn :func:`bnfix.diagnose`'s measurements into ranked causes.
 
-Pure arithmetic on the numbers in :class:`bnfix.diagnosis_report.LayerDrift`; the thresholds and
-their rationale are documented in :mod:`bnfix.diagnose` and recorded in every ``Diagnosis``.
+Pure arithmetic on the numbers in :class:`bnfix.diagnosis.result.LayerDrift`; the thresholds and
+their rationale are documented in :mod:`bnfix.diagnosis.measure` and recorded in every ``Diagnosis``.
 Kept apart so the rules can be read (and tuned) in one place, without the hooks and passes.
 """
 
@@ -11,7 +11,7 @@ import math
 from collections.abc import Sequence
 from typing import Any, Optional
 
-from bnfix.diagnosis_report import CONFIDENCES, LayerDrift, Verdict
+from bnfix.diagnosis.result import CONFIDENCES, LayerDrift, Verdict
 
 __all__ = ["THRESHOLDS", "decide", "gap_level"]
 

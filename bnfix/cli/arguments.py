@@ -1,6 +1,6 @@
 """The command line's options, declared: program parser, shared option groups, each command's parser.
 
-Declarations and help texts only: :mod:`bnfix.session` turns the parsed options into a model,
+Declarations and help texts only: :mod:`bnfix.cli.session` turns the parsed options into a model,
 loaders, a device and a process group, and :mod:`bnfix.cli` runs a command and prints (the only
 module that does).
 """
@@ -13,8 +13,8 @@ import textwrap
 from typing import Any, NoReturn
 
 import bnfix
-from bnfix.core import recalibrate
-from bnfix.session import fail
+from bnfix.calibration import recalibrate
+from bnfix.cli.session import fail
 
 #: ``--tol`` when not given: the library's own default, so the CLI cannot drift from it.
 DEFAULT_TOL: float = inspect.signature(recalibrate).parameters["tol"].default

@@ -1,6 +1,6 @@
 """The model a command runs on: built from ``--arch``/``--model``, weights loaded strictly.
 
-Like :mod:`bnfix.session`, nothing here prints: bad input raises :class:`bnfix.session.BadInput`.
+Like :mod:`bnfix.cli.session`, nothing here prints: bad input raises :class:`bnfix.cli.session.BadInput`.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from bnfix.checkpoint import Checkpoint, apply_state_dict, load_checkpoint
+from bnfix.cli.checkpoint import Checkpoint, apply_state_dict, load_checkpoint
+from bnfix.cli.session import BadInput, fail
 from bnfix.layers import bn_layers
-from bnfix.session import BadInput, fail
 
 __all__ = ["build_model", "load_model", "load_other_model"]
 

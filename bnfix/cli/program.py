@@ -1,9 +1,9 @@
 """Command line: ``python -m bnfix``. The only module that prints or configures logging.
 
 Subcommands register themselves in :data:`COMMANDS`: an ``add_*_command`` function takes the
-command's parser from :mod:`bnfix.options` (where every option is declared) and sets its runner.
+command's parser from :mod:`bnfix.cli.arguments` (where every option is declared) and sets its runner.
 A runner turns the options into a model, loaders, a device and a process group with
-:mod:`bnfix.session`, calls the library, writes what the command writes, and prints. Every bad
+:mod:`bnfix.cli.session`, calls the library, writes what the command writes, and prints. Every bad
 input raises :class:`BadInput` (or a :class:`bnfix.BnfixError`), which :func:`main` turns into one
 line on stderr and exit status 2.
 """
@@ -27,13 +27,8 @@ import torch
 from torch import nn
 
 import bnfix
-from bnfix.checkpoint import Checkpoint, atomic_write, save_checkpoint
-from bnfix.core import validate_options
-from bnfix.data import DataInfo
-from bnfix.errors import BnfixError
-from bnfix.layers import select_layers, unwrap
-from bnfix.models import load_model, load_other_model
-from bnfix.options import (
+from bnfix.calibration import validate_options
+from bnfix.cli.arguments import (
     DEFAULT_TOL,
     EXIT_BAD_INPUT,
     EXIT_DECLINED,
@@ -45,8 +40,10 @@ from bnfix.options import (
     program_parser,
     recalibrate_parser,
 )
-from bnfix.report import Comparison, Report, fmt_percent, json_safe
-from bnfix.session import (
+from bnfix.cli.checkpoint import Checkpoint, atomic_write, save_checkpoint
+from bnfix.cli.data import DataInfo
+from bnfix.cli.models import load_model, load_other_model
+from bnfix.cli.session import (
     BadInput,
     build_calib_loader,
     build_loader,
@@ -61,6 +58,9 @@ from bnfix.session import (
     probe,
     resolve_device,
 )
+from bnfix.errors import BnfixError
+from bnfix.layers import select_layers, unwrap
+from bnfix.report import Comparison, Report, fmt_percent, json_safe
 
 __all__ = ["COMMANDS", "BadInput", "build_parser", "main"]
 
@@ -318,11 +318,11 @@ class _Handler(logging.StreamHandler):
 def configure_logging(quiet: bool, debug: bool) -> Iterator[None]:
     """Send bnfix's log to stderr while a command runs; put the logging setup back afterwards.
 
-    Warnings that the printed report repeats (those of ``bnfix.core``) are not logged twice.
+    Warnings that the printed report repeats (those of ``bnfix.calibration``) are not logged twice.
     Restoring matters for ``main(argv)`` called in-process (tests, notebooks): the library's
     loggers must not stay silenced after the command returns.
     """
-    package, core = logging.getLogger("bnfix"), logging.getLogger("bnfix.core")
+    package, core = logging.getLogger("bnfix"), logging.getLogger("bnfix.calibration")
     saved = (package.level, core.level)
     handler = _Handler(sys.stderr)
     handler.setFormatter(logging.Formatter("bnfix: %(levelname)s: %(message)s"))

@@ -2,7 +2,7 @@
 
 A first pass over the data runs each batch up to three ways, each inside
 :func:`bnfix.layers.bn_mode` (whose ``finally`` restores every flag, momentum and BN buffer bit for
-bit) with hooks removed in a ``finally`` as well (the pieces live in :mod:`bnfix.probes`):
+bit) with hooks removed in a ``finally`` as well (the pieces live in :mod:`bnfix.diagnosis.probes`):
 
 1. eval mode (running statistics): the predictions the user gets;
 2. every BN on batch statistics, dropout off: the predictions train mode would give, and, through
@@ -24,7 +24,7 @@ eps)`` and ``|log((v_run + eps) / (v_data + eps))|``; a layer's *drift* is the w
 channel means. Outputs: top-1 agreement of eval vs train-mode BN, ``KL(p_train || p_eval)``, and
 accuracies when the batches carry labels. Dropout: per layer ``(v_on + eps) / (v_off + eps)``.
 
-Verdict thresholds (``bnfix.verdict.THRESHOLDS``, also recorded in ``Diagnosis.thresholds``):
+Verdict thresholds (``bnfix.diagnosis.rules.THRESHOLDS``, also recorded in ``Diagnosis.thresholds``):
 
 * Drift, worst layer: below ``drift_small = 0.1`` is noise (an EMA over training batches with
   momentum 0.1 plus a finite calibration set leaves channel-mean errors of a few hundredths of a
@@ -74,14 +74,14 @@ from bnfix.batches import (
     progress_bar,
     to_device,
 )
+from bnfix.calibration import validate_options
 from bnfix.collect import Collector, batch_stats
-from bnfix.core import validate_options
-from bnfix.diagnosis_report import Diagnosis, LayerDrift
+from bnfix.diagnosis.probes import Pair, private_rng, written
+from bnfix.diagnosis.result import Diagnosis, LayerDrift
+from bnfix.diagnosis.rules import THRESHOLDS, decide
 from bnfix.errors import BnfixError
 from bnfix.layers import SkipBatch, bn_layers, bn_mode, check_lazy, dropout_layers
-from bnfix.probes import Pair, private_rng, written
 from bnfix.stats import drift
-from bnfix.verdict import THRESHOLDS, decide
 
 __all__ = ["diagnose"]
 
@@ -167,7 +167,7 @@ def diagnose(
     eval/train-mode-BN gap in outputs and the variance shift from dropout, and returns a verdict:
     ``statistics_mismatch`` (or, with ``reference``, ``stale_statistics`` / ``distribution_shift``),
     ``dropout_variance_shift`` or ``bn_not_the_problem``, most likely first, each with
-    ``confidence`` from these thresholds (rationale in :mod:`bnfix.diagnose`):
+    ``confidence`` from these thresholds (rationale in :mod:`bnfix.diagnosis.measure`):
 
     * layer drift (worse of channel-mean shift in stds and channel-mean |log var ratio|):
       noise below 0.1, large from 0.5;
