@@ -20,10 +20,9 @@ How it works, in one pass and no more than one forward per batch:
 from __future__ import annotations
 
 import logging
-import numbers
 import time
 from collections.abc import Iterable
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor, nn
@@ -32,8 +31,6 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from bnfix import distributed
 from bnfix.batches import (
     ForwardFn,
-    default_forward,
-    model_device,
 )
 from bnfix.collect import Collector, LayerStats, run_pass
 from bnfix.errors import BnfixError
@@ -43,70 +40,16 @@ from bnfix.layers import (
     select_layers,
     skipped_norm_layers,
 )
+from bnfix.plan import Device, Momentum, NumBatches, Plan, check_model
 from bnfix.report import LayerReport, Report
 from bnfix.stats import Moments, drift
 
-__all__ = ["recalibrate", "validate_options"]
+__all__ = ["calibrate", "recalibrate"]
 
 logger = logging.getLogger(__name__)
 
-Momentum = Union[str, float]
-NumBatches = Union[None, int, str]
-
 _Stats = Optional[tuple[Tensor, Tensor, int]]  # new (mean, var, num_batches_tracked), None: unused
 _Saved = tuple[Tensor, Tensor, Tensor]  # a layer's buffers before the call
-
-
-def validate_options(
-    model: Any,
-    num_batches: NumBatches = None,
-    momentum: Momentum = "exact",
-    tol: float = 0.1,
-    process_group: Any = None,
-    forward_fn: Any = None,
-) -> None:
-    """Check :func:`recalibrate`'s options up front, before any work starts.
-
-    numpy scalars are accepted wherever a Python int or float is (``numbers.Integral/Real``).
-    """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"Expected `model` to be a torch.nn.Module, but got {type(model).__name__}")
-    count_ok = (
-        num_batches is None
-        or num_batches == "auto"
-        or (
-            isinstance(num_batches, numbers.Integral)
-            and not isinstance(num_batches, bool)
-            and num_batches > 0
-        )
-    )
-    if not count_ok:
-        raise ValueError(
-            f"Expected `num_batches` to be a positive int, None or 'auto', but got {num_batches!r}"
-        )
-    momentum_ok = momentum in ("exact", "layer") or (
-        isinstance(momentum, numbers.Real) and not isinstance(momentum, bool) and 0 < momentum <= 1
-    )
-    if not momentum_ok:
-        raise ValueError(
-            f"Expected `momentum` to be 'exact', 'layer' or a float in (0, 1], but got {momentum!r}"
-        )
-    if isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not tol > 0:
-        raise ValueError(f"Expected `tol` to be a positive float, but got {tol!r}")
-    if process_group is not None and momentum != "exact":
-        raise ValueError(
-            f"Expected momentum='exact' with a `process_group` (an EMA over ranks has no exact "
-            f"merge), but got momentum={momentum!r}"
-        )
-    if process_group is not None and num_batches == "auto":
-        raise ValueError(
-            "Expected a fixed `num_batches` with a `process_group`, but got 'auto': ranks would "
-            "stop at different batches; pass an int or None"
-        )
-    if forward_fn is not None and not callable(forward_fn):
-        raise TypeError(
-            f"Expected `forward_fn` to be callable(model, batch), but got {type(forward_fn).__name__}"
-        )
 
 
 def _layer_momentum(
@@ -222,7 +165,7 @@ def recalibrate(
     layers: LayerSelector = None,
     dropout: bool = False,
     forward_fn: Optional[ForwardFn] = None,
-    device: Union[str, torch.device, None] = None,
+    device: Device = None,
     process_group: Any = None,
     progress: bool = False,
     tol: float = 0.1,
@@ -269,14 +212,31 @@ def recalibrate(
         BnfixError: no usable batch, non-finite statistics, an uninitialized lazy module.
         ValueError, TypeError: bad arguments (checked before anything runs).
     """
-    validate_options(model, num_batches, momentum, tol, process_group, forward_fn)
-    target_device = torch.device(device) if device is not None else model_device(model)
+    check_model(model)
+    plan = Plan.build(
+        num_batches=num_batches,
+        momentum=momentum,
+        layers=layers,
+        dropout=dropout,
+        forward_fn=forward_fn,
+        device=device,
+        process_group=process_group,
+        progress=progress,
+        tol=tol,
+    )
+    return calibrate(model, loader, plan)
+
+
+def calibrate(model: nn.Module, loader: Iterable[Any], plan: Plan) -> Report:
+    """:func:`recalibrate` with its options already validated into ``plan``."""
+    target_device = plan.device_for(model)
     check_lazy(model)
-    selection = select_layers(model, layers)
+    selection = select_layers(model, plan.layers)
+    process_group = plan.process_group
     if process_group is None:
         distributed.warn_if_unsynced()
     ranks = distributed.world_size(process_group)
-    method = "exact" if momentum == "exact" else ("layer" if momentum == "layer" else "ema")
+    method = plan.method
     skipped_layers = tuple(skipped_norm_layers(model))
     notes = list(selection.notes)
     if not selection.layers:
@@ -284,13 +244,15 @@ def recalibrate(
             logger.warning(note)
         return Report((), skipped_layers, method, warnings=tuple(notes), ranks=ranks)
 
-    momenta = [_layer_momentum(module, momentum, notes, name) for name, module in selection.layers]
+    momenta = [
+        _layer_momentum(module, plan.momentum, notes, name) for name, module in selection.layers
+    ]
     modules = [module for _, module in selection.layers]
     before: list[_Saved] = [
         (m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone())  # type: ignore[union-attr]
         for m in modules
     ]
-    collector = Collector(selection.layers, momenta, auto=num_batches == "auto")
+    collector = Collector(selection.layers, momenta, auto=plan.auto is not None)
     start = time.perf_counter()
     try:
         with torch.no_grad():
@@ -298,12 +260,12 @@ def recalibrate(
                 model,
                 loader,
                 collector,
-                limit=int(num_batches) if isinstance(num_batches, numbers.Integral) else None,
-                auto=float(tol) if num_batches == "auto" else None,
-                dropout=dropout,
-                forward=forward_fn or default_forward,
+                limit=plan.limit,
+                auto=plan.auto,
+                dropout=plan.dropout,
+                forward=plan.forward,
                 device=target_device,
-                progress=progress,
+                progress=plan.progress,
             )
     except BaseException:  # KeyboardInterrupt too: the other ranks must not wait forever
         if process_group is not None:
@@ -339,11 +301,11 @@ def recalibrate(
     sorted_note = run.labels.note()
     if sorted_note:
         notes.append(sorted_note)
-    if num_batches == "auto" and (run.rse is None or run.rse > tol):
+    if plan.auto is not None and (run.rse is None or run.rse > plan.auto):
         reached = "never estimated" if run.rse is None else f"{run.rse:.4f}"
         notes.append(
             f"num_batches='auto' ran out of data before the relative standard error reached "
-            f"tol={tol} (last: {reached}); all {used} batch(es) were used"
+            f"tol={plan.auto} (last: {reached}); all {used} batch(es) were used"
         )
     unused = [state.name for state, stats in zip(collector.states, new) if stats is None]
     if unused:
@@ -367,6 +329,6 @@ def recalibrate(
         warnings=tuple(notes),
         seconds=seconds,
         ranks=ranks,
-        relative_standard_error=run.rse if num_batches == "auto" else None,
+        relative_standard_error=run.rse if plan.auto is not None else None,
         _undo=_undoer(modules, before),
     )

@@ -9,9 +9,8 @@ nothing.
 from __future__ import annotations
 
 import contextlib
-import inspect
 from collections.abc import Iterable, Sequence
-from typing import Any, Optional, Union
+from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
@@ -28,9 +27,10 @@ from bnfix.batches import (
     require_reiterable,
     to_device,
 )
-from bnfix.calibration import recalibrate, validate_options
+from bnfix.calibration import calibrate
 from bnfix.errors import BnfixError
 from bnfix.layers import (
+    LayerSelector,
     SkipBatch,
     bn_mode,
     check_lazy,
@@ -39,11 +39,10 @@ from bnfix.layers import (
     select_layers,
 )
 from bnfix.metrics import Counts, Gap
+from bnfix.plan import Device, Momentum, NumBatches, Plan, check_model
 from bnfix.report import Comparison, Evaluation
 
 __all__ = ["compare", "evaluate"]
-
-Device = Union[None, str, torch.device]
 
 
 def _check_topk(topk: Sequence[int]) -> tuple[int, ...]:
@@ -147,8 +146,7 @@ def evaluate(
     """
     if bn not in ("eval", "train"):
         raise ValueError(f"Expected `bn` to be 'eval' or 'train', but got {bn!r}")
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"Expected `model` to be a torch.nn.Module, but got {type(model).__name__}")
+    check_model(model)
     results, _ = _passes(
         model,
         loader,
@@ -168,9 +166,17 @@ def compare(
     calib_loader: Iterable[Any],
     val_loader: Iterable[Any],
     *,
+    num_batches: NumBatches = None,
+    momentum: Momentum = "exact",
+    layers: LayerSelector = None,
+    dropout: bool = False,
+    forward_fn: Optional[ForwardFn] = None,
     target_fn: Optional[TargetFn] = None,
+    device: Device = None,
+    process_group: Any = None,
+    progress: bool = False,
+    tol: float = 0.1,
     topk: Sequence[int] = (1, 5),
-    **recalibrate_kwargs: Any,
 ) -> Comparison:
     """Evaluate, recalibrate, evaluate again: the numbers that show whether recalibration helped.
 
@@ -181,26 +187,51 @@ def compare(
     Args:
         model: the model.
         calib_loader: calibration batches (passed to :func:`bnfix.recalibrate`).
-        val_loader: validation batches, iterated twice (so it must be re-iterable).
+        val_loader: validation batches (must be re-iterable).
+        num_batches: as in :func:`bnfix.recalibrate`.
+        momentum: as in :func:`bnfix.recalibrate`.
+        layers: as in :func:`bnfix.recalibrate`.
+        dropout: as in :func:`bnfix.recalibrate`.
+        forward_fn: as in :func:`bnfix.recalibrate`; also feeds the validation batches.
+        device: as in :func:`bnfix.recalibrate`; also for the validation batches.
+        process_group: as in :func:`bnfix.recalibrate`.
+        progress: tqdm bars for calibration and evaluation.
+        tol: as in :func:`bnfix.recalibrate`.
         target_fn: picks labels from a validation batch.
         topk: the k of top-k accuracy.
-        **recalibrate_kwargs: options of :func:`bnfix.recalibrate`; ``forward_fn``, ``device``
-            and ``progress`` are used for the evaluation passes too.
 
     Returns:
         A :class:`bnfix.Comparison`.
     """
-    inspect.signature(recalibrate).bind(model, calib_loader, **recalibrate_kwargs)
-    options = {
-        k: v
-        for k, v in recalibrate_kwargs.items()
-        if k in ("num_batches", "momentum", "tol", "process_group", "forward_fn")
-    }
-    validate_options(model, **options)
+    check_model(model)
+    plan = Plan.build(
+        num_batches=num_batches,
+        momentum=momentum,
+        layers=layers,
+        dropout=dropout,
+        forward_fn=forward_fn,
+        device=device,
+        process_group=process_group,
+        progress=progress,
+        tol=tol,
+    )
+    return compare_planned(model, calib_loader, val_loader, plan, target_fn=target_fn, topk=topk)
+
+
+def compare_planned(
+    model: nn.Module,
+    calib_loader: Iterable[Any],
+    val_loader: Iterable[Any],
+    plan: Plan,
+    *,
+    target_fn: Optional[TargetFn] = None,
+    topk: Sequence[int] = (1, 5),
+) -> Comparison:
+    """:func:`compare` with the calibration options already validated into ``plan``."""
     # What recalibrate would refuse after the first evaluation pass, refuse now: a typo in
     # `layers`, or lazy modules (the evaluation pass would silently materialize them).
     check_lazy(model)
-    select_layers(model, recalibrate_kwargs.get("layers"))
+    select_layers(model, plan.layers)
     require_reiterable(calib_loader, "calib_loader")
     require_reiterable(val_loader, "val_loader")
     ks = _check_topk(topk)
@@ -210,16 +241,16 @@ def compare(
             model,
             val_loader,
             ["eval", "train"],
-            forward_fn=recalibrate_kwargs.get("forward_fn"),
+            forward_fn=plan.forward,
             target_fn=target_fn,
-            device=recalibrate_kwargs.get("device"),
+            device=plan.device,
             topk=ks,
-            progress=bool(recalibrate_kwargs.get("progress", False)),
+            progress=plan.progress,
             desc=desc,
         )
 
     before, gap_before = both_modes("bnfix evaluate (before)")
-    report = recalibrate(model, calib_loader, **recalibrate_kwargs)
+    report = calibrate(model, calib_loader, plan)
     after, gap_after = both_modes("bnfix evaluate (after)")
     return Comparison(
         before=before["eval"],

@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import inspect
 import json
@@ -12,6 +11,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import pytest
 import torch
 import torchvision
@@ -316,25 +316,41 @@ def test_dry_run_in_place_force_quiet(tmp_path: Path, data: dict[str, Path]) -> 
     )
 
 
-def test_only_if_better_declines_with_exit_3(
-    tmp_path: Path, data: dict[str, Path], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    real = bnfix.compare
+def _write_sign_model(tmp: Path) -> str:
+    """BN(2) then a fixed linear layer: class 1 iff the first feature is above its running mean."""
+    (tmp / "sign.py").write_text(
+        "import torch\nimport torch.nn as nn\n"
+        "def build(**kw):\n"
+        "    net = nn.Sequential(nn.BatchNorm1d(2, affine=False), nn.Linear(2, 2))\n"
+        "    with torch.no_grad():\n"
+        "        net[1].weight.copy_(torch.tensor([[-1.0, 0.0], [1.0, 0.0]]))\n"
+        "        net[1].bias.zero_()\n"
+        "    return net\n"
+    )
+    return f"{tmp / 'sign.py'}:build"
 
-    def worse(*args: Any, **kwargs: Any) -> Any:
-        result = real(*args, **kwargs)
-        after = dataclasses.replace(result.after, correct={k: 0 for k in result.after.correct})
-        before = dataclasses.replace(result.before, correct={k: 1 for k in result.before.correct})
-        return dataclasses.replace(result, before=before, after=after)
 
-    monkeypatch.setattr(bnfix, "compare", worse)
-    ckpt = _save(tmp_path / "m.pt", resnet_state())
+def test_only_if_better_declines_with_exit_3(tmp_path: Path) -> None:
+    # A real drop: the checkpoint's statistics fit the validation data (mean 0), the calibration
+    # data is shifted by +5, so after recalibration every sample falls on one side.
+    spec = _write_sign_model(tmp_path)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 2, generator=g)
+    np.savez(tmp_path / "val.npz", x=x.numpy(), y=(x[:, 0] > 0).long().numpy())
+    np.savez(tmp_path / "calib.npz", x=(x + 5.0).numpy())
+    model = torch.nn.Sequential(torch.nn.BatchNorm1d(2, affine=False), torch.nn.Linear(2, 2))
+    with torch.no_grad():
+        model[1].weight.copy_(torch.tensor([[-1.0, 0.0], [1.0, 0.0]]))
+        model[1].bias.zero_()
+    ckpt = _save(tmp_path / "m.pt", model.state_dict())  # running mean 0, var 1
+    before = sorted(os.listdir(tmp_path))
     code, out, _ = run_cli(
-        "recalibrate", ckpt, *MODEL, "--calib", data["npz"], "--val", data["npz"], "--batch-size", "10",
-        "--only-if-better", "--report", tmp_path / "r.json",
+        "recalibrate", ckpt, "--model", spec, "--calib", tmp_path / "calib.npz",
+        "--val", tmp_path / "val.npz", "--batch-size", "50", "--only-if-better",
+        "--report", tmp_path / "r.json",
     )  # fmt: skip
-    assert code == 3 and "not written: top-1 fell" in out
-    assert os.listdir(tmp_path) == ["m.pt"]
+    assert code == 3 and "not written: top-1 fell from 100.00%" in out
+    assert sorted(os.listdir(tmp_path)) == before
 
 
 # --- bad input -----------------------------------------------------------------------------------
@@ -510,7 +526,7 @@ def test_internal_error_exit_1(
     def boom(*args: Any, **kwargs: Any) -> Any:
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(bnfix, "recalibrate", boom)
+    monkeypatch.setattr("bnfix.cli.program.calibrate", boom)
     ckpt = _save(tmp_path / "m.pt", resnet_state())
     argv = ("recalibrate", ckpt, *MODEL, "--calib", data["npz"])
     code, _, err = run_cli(*argv)
@@ -531,7 +547,7 @@ def test_ctrl_c_leaves_no_partial_file(
         def interrupted(*args: Any, **kwargs: Any) -> Any:
             raise KeyboardInterrupt
 
-        monkeypatch.setattr(bnfix, "recalibrate", interrupted)
+        monkeypatch.setattr("bnfix.cli.program.calibrate", interrupted)
     else:
         real_save = torch.save
 
@@ -633,16 +649,16 @@ def test_num_batches_auto_with_tol(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     # --tol the library's default is used, and gives what that tolerance given explicitly gives.
     assert samples("--num-batches", "auto", "--tol", "1e9") == 20
     assert samples("--num-batches", "auto", "--tol", "1e-9") == 40
-    real = bnfix.recalibrate
-    default = inspect.signature(real).parameters["tol"].default
+    real = bnfix.calibration.calibrate
+    default = inspect.signature(bnfix.recalibrate).parameters["tol"].default
     expected = samples("--num-batches", "auto", "--tol", repr(default))
     seen: list[Any] = []
 
-    def spy(*args: Any, **kwargs: Any) -> Any:
-        seen.append(kwargs["tol"])
-        return real(*args, **kwargs)
+    def spy(model: Any, loader: Any, plan: Any) -> Any:
+        seen.append(plan.auto)
+        return real(model, loader, plan)
 
-    monkeypatch.setattr(bnfix, "recalibrate", spy)
+    monkeypatch.setattr("bnfix.cli.program.calibrate", spy)
     assert samples("--num-batches", "auto") == expected
     assert seen == [default]
     for extra, pattern in (

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 import bnfix
-from bnfix.calibration import validate_options
+from bnfix.calibration import calibrate
 from bnfix.cli.arguments import (
     DEFAULT_TOL,
     EXIT_BAD_INPUT,
@@ -59,7 +59,9 @@ from bnfix.cli.session import (
     resolve_device,
 )
 from bnfix.errors import BnfixError
+from bnfix.evaluation import compare_planned
 from bnfix.layers import select_layers, unwrap
+from bnfix.plan import Plan
 from bnfix.report import Comparison, Report, fmt_percent, json_safe
 
 __all__ = ["COMMANDS", "BadInput", "build_parser", "main"]
@@ -80,11 +82,21 @@ def run_recalibrate(args: argparse.Namespace) -> int:
         fail("--only-if-better needs labelled --val data to compare top-1")
     dist = init_distributed(device)
     try:
+        try:
+            plan = Plan.build(
+                num_batches=num_batches(args),
+                momentum=momentum,
+                tol=tol,
+                layers=args.layers,
+                dropout=args.dropout,
+                device=device,
+                process_group=dist.group,
+                progress=not args.quiet and dist.rank == 0 and sys.stderr.isatty(),
+            )
+        except ValueError as error:
+            fail(str(error))
 
         def setup() -> tuple[Any, ...]:
-            validate_options(
-                nn.Module(), num_batches(args), momentum, tol, process_group=dist.group
-            )
             model, checkpoint = load_model(args, device)
             select_layers(model, args.layers)
             calib, calib_info = build_calib_loader(args, dist)
@@ -97,23 +109,12 @@ def run_recalibrate(args: argparse.Namespace) -> int:
             return model, checkpoint, calib, calib_info, val, val_info
 
         model, checkpoint, calib, calib_info, val, val_info = dist.together(setup)
-        progress = not args.quiet and dist.rank == 0 and sys.stderr.isatty()
-        options = {
-            "num_batches": num_batches(args),
-            "momentum": momentum,
-            "tol": tol,
-            "layers": args.layers,
-            "dropout": args.dropout,
-            "device": device,
-            "process_group": dist.group,
-            "progress": progress,
-        }
         comparison: Optional[Comparison] = None
         if val is not None:
-            comparison = bnfix.compare(model, calib, val, **options)
+            comparison = compare_planned(model, calib, val, plan)
             report = comparison.report
         else:
-            report = bnfix.recalibrate(model, calib, **options)
+            report = calibrate(model, calib, plan)
         if dist.rank != 0:
             return EXIT_OK
         return _finish(

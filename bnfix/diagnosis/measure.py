@@ -74,13 +74,13 @@ from bnfix.batches import (
     progress_bar,
     to_device,
 )
-from bnfix.calibration import validate_options
 from bnfix.collect import Collector, batch_stats
 from bnfix.diagnosis.probes import Pair, private_rng, written
 from bnfix.diagnosis.result import Diagnosis, LayerDrift
 from bnfix.diagnosis.rules import THRESHOLDS, decide
 from bnfix.errors import BnfixError
 from bnfix.layers import SkipBatch, bn_layers, bn_mode, check_lazy, dropout_layers
+from bnfix.plan import Plan, check_model
 from bnfix.stats import drift
 
 __all__ = ["diagnose"]
@@ -91,11 +91,8 @@ _DROPOUT_SEED = 0  # the dropout pass draws its masks from a private generator w
 
 
 def _check(model: Any, loader: Any, reference: Any, num_batches: Any, forward_fn: Any) -> None:
-    if isinstance(num_batches, str):
-        raise ValueError(
-            f"Expected `num_batches` to be a positive int or None, but got {num_batches!r}"
-        )
-    validate_options(model, num_batches=num_batches, forward_fn=forward_fn)
+    check_model(model)
+    Plan.build(num_batches=num_batches, forward_fn=forward_fn, allow_auto=False)
     for name, value in (("loader", loader), ("reference", reference)):
         if value is not None and not isinstance(value, Iterable):
             raise TypeError(
