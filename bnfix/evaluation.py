@@ -9,14 +9,17 @@ nothing.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Sequence
-from typing import Any, Optional
+from collections.abc import Iterable, Mapping, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from bnfix.batches import (
+    TARGET_KEYS,
     ForwardFn,
     TargetFn,
     default_forward,
@@ -38,11 +41,13 @@ from bnfix.layers import (
     named_modules,
     select_layers,
 )
-from bnfix.metrics import Counts, Gap
+from bnfix.metrics import Counts, Gap, check_ignore_index
 from bnfix.plan import Device, Momentum, NumBatches, Plan, check_model
-from bnfix.report import Comparison, Evaluation
+from bnfix.report import Comparison, Evaluation, Report
 
-__all__ = ["compare", "evaluate"]
+__all__ = ["IgnoreIndex", "compare", "compare_planned", "evaluate"]
+
+IgnoreIndex = Union[None, int, Sequence[int]]
 
 
 def _check_topk(topk: Sequence[int]) -> tuple[int, ...]:
@@ -72,46 +77,94 @@ def _train_bn(model: nn.Module) -> Any:
             handle.remove()
 
 
+@contextlib.contextmanager
+def _eval_with(model: nn.Module, swaps: Sequence[tuple[Tensor, Tensor, Tensor]]) -> Any:
+    """Eval mode with the old statistics in the BN buffers meanwhile, the new ones copied back.
+
+    ``swaps`` holds ``(buffer, old value, new value)``; the restore is a ``copy_`` from the saved
+    new value, so the buffers end bit for bit as :func:`bnfix.calibration.calibrate` left them
+    whatever the forward does (raises, is interrupted).
+    """
+    with bn_mode(model, []):
+        try:
+            with torch.no_grad():
+                for buffer, old, _ in swaps:
+                    buffer.copy_(old)
+            yield
+        finally:
+            with torch.no_grad():
+                for buffer, _, new in swaps:
+                    buffer.copy_(new)
+
+
+@dataclass(frozen=True)
+class _Way:
+    """One way to run each batch: a name, the ``Evaluation.bn`` it reports, its context."""
+
+    name: str
+    bn: str
+    context: Callable[[], AbstractContextManager[Any]]
+
+
+def _labels(batch: Any) -> Any:
+    """The labels of ``batch``, as :func:`bnfix.batches.default_target` finds them.
+
+    Labels that are not a tensor are passed on too, so that the counts can name them in a note
+    rather than drop them without a word.
+    """
+    target = default_target(batch)
+    if target is None and isinstance(batch, (tuple, list)) and len(batch) >= 2:
+        return batch[1]
+    if target is None and isinstance(batch, Mapping):
+        return next((batch[k] for k in TARGET_KEYS if k in batch), None)
+    return target
+
+
 def _passes(
     model: nn.Module,
     loader: Iterable[Any],
-    modes: Sequence[str],
+    ways: Sequence[_Way],
+    pairs: Sequence[tuple[str, str]],
     *,
     forward_fn: Optional[ForwardFn],
     target_fn: Optional[TargetFn],
     device: Device,
     topk: tuple[int, ...],
+    ignore: Optional[tuple[int, ...]],
     progress: bool,
     desc: str,
-) -> tuple[dict[str, Evaluation], Gap]:
-    """One pass over ``loader``, running each batch once per BN mode ("eval", "train")."""
+) -> tuple[dict[str, Evaluation], dict[tuple[str, str], Gap]]:
+    """One pass over ``loader``: each batch read once and run once per way.
+
+    ``pairs`` names the ways whose outputs are compared (``(eval way, reference way)``).
+    """
     forward = forward_fn or default_forward
-    pick_target = target_fn or default_target
+    pick_target = target_fn or _labels
     where = torch.device(device) if device is not None else model_device(model)
-    counts = {mode: Counts(topk) for mode in modes}
-    gap = Gap()
+    counts = {way.name: Counts(topk, ignore) for way in ways}
+    gaps = {pair: Gap() for pair in pairs}
     batches = 0
     with torch.no_grad(), progress_bar(loader, None, progress, desc) as bar:
         for batch in loader:
             target = pick_target(batch)
             moved = to_device(batch, where)
             outs: dict[str, Tensor] = {}
-            for mode in modes:
-                context = _train_bn(model) if mode == "train" else bn_mode(model, [])
+            for way in ways:
                 try:
-                    with context:
-                        outs[mode] = output_tensor(forward(model, moved)).detach()
+                    with way.context():
+                        outs[way.name] = output_tensor(forward(model, moved)).detach()
                 except SkipBatch:
-                    counts[mode].skipped += 1
+                    counts[way.name].skipped += 1
                     continue
-                counts[mode].add(outs[mode], target if isinstance(target, Tensor) else None)
-            if "eval" in outs and "train" in outs:
-                gap.add(outs["eval"], outs["train"])
+                counts[way.name].add(outs[way.name], target)
+            for pair, gap in gaps.items():
+                if pair[0] in outs and pair[1] in outs:
+                    gap.add(outs[pair[0]], outs[pair[1]])
             batches += 1
             bar.update(1)
     if batches == 0:
         raise BnfixError("The evaluation loader yielded no batches; pass a loader with data")
-    return {mode: c.result(mode) for mode, c in counts.items()}, gap
+    return {way.name: counts[way.name].result(way.bn) for way in ways}, gaps
 
 
 def evaluate(
@@ -123,14 +176,20 @@ def evaluate(
     target_fn: Optional[TargetFn] = None,
     device: Device = None,
     topk: Sequence[int] = (1, 5),
+    ignore_index: IgnoreIndex = None,
     progress: bool = False,
 ) -> Evaluation:
     """Count top-k hits and summed cross-entropy of ``model`` over ``loader``.
 
+    Outputs ``(N, C)`` are scored per sample against labels ``(N,)``; dense outputs ``(N, C, *)``
+    (segmentation) per element against labels ``(N, *)``, with the exact mean IoU from a
+    confusion matrix over the whole set. Labels of any other shape or type are not scored, and
+    ``Evaluation.notes`` says why.
+
     Args:
         model: the model; its flags and buffers are restored afterwards.
         loader: batches; labels come from ``target_fn`` (default: a tuple's second element or a
-            dict's ``label``/``labels``/``y``/``target``).
+            dict's ``label``/``labels``/``y``/``target``/``targets``).
         bn: "eval" (running statistics, everything in eval mode) or "train" (BN layers on batch
             statistics, the accuracy users see in train mode; dropout off, running statistics
             untouched). Batches on which train-mode BN would see one element per channel are
@@ -139,22 +198,28 @@ def evaluate(
         target_fn: ``target_fn(batch)`` returning the labels (or None).
         device: where batches go; default: the model's device.
         topk: the k of top-k accuracy, clamped to the number of classes.
+        ignore_index: label values left out of every score. None: -100 (``CrossEntropyLoss``'s
+            default), and also 255 for dense labels (the "void" pixels of VOC, Cityscapes...); an
+            int or a sequence of ints replaces both (``()``: leave nothing out).
         progress: tqdm bar on stderr.
 
     Returns:
-        A :class:`bnfix.Evaluation` (``.top1``, ``.top5``, ``.loss``, ``.samples``).
+        A :class:`bnfix.Evaluation` (``.top1``, ``.top5``, ``.loss``, ``.miou``, ``.samples``).
     """
     if bn not in ("eval", "train"):
         raise ValueError(f"Expected `bn` to be 'eval' or 'train', but got {bn!r}")
     check_model(model)
+    context = (lambda: _train_bn(model)) if bn == "train" else (lambda: bn_mode(model, []))
     results, _ = _passes(
         model,
         loader,
-        [bn],
+        [_Way(bn, bn, context)],
+        [],
         forward_fn=forward_fn,
         target_fn=target_fn,
         device=device,
         topk=_check_topk(topk),
+        ignore=check_ignore_index(ignore_index),
         progress=progress,
         desc=f"bnfix evaluate ({bn})",
     )
@@ -177,17 +242,21 @@ def compare(
     progress: bool = False,
     tol: float = 0.1,
     topk: Sequence[int] = (1, 5),
+    ignore_index: IgnoreIndex = None,
 ) -> Comparison:
-    """Evaluate, recalibrate, evaluate again: the numbers that show whether recalibration helped.
+    """Recalibrate, then score eval mode before and after against train-mode BN in one pass.
 
-    Each validation batch runs in eval mode and with train-mode BN, so the eval/train agreement
-    is measured on identical batches even when the loader reshuffles between passes. The model
-    stays recalibrated; ``comparison.report.undo()`` reverts it.
+    The old statistics are kept aside; each validation batch is read once and run three ways:
+    eval mode with the old statistics written into the buffers meanwhile, train-mode BN, and eval
+    mode with the new statistics. So the three columns score identical batches even when the
+    loader reshuffles, and ``val_loader`` may be a one-shot iterator. The model stays
+    recalibrated, also when the validation pass raises (the exception then carries the report as
+    ``error.bnfix_report``); ``comparison.report.undo()`` reverts it.
 
     Args:
         model: the model.
-        calib_loader: calibration batches (passed to :func:`bnfix.recalibrate`).
-        val_loader: validation batches (must be re-iterable).
+        calib_loader: calibration batches (passed to :func:`bnfix.recalibrate`; re-iterable).
+        val_loader: validation batches (read once).
         num_batches: as in :func:`bnfix.recalibrate`.
         momentum: as in :func:`bnfix.recalibrate`.
         layers: as in :func:`bnfix.recalibrate`.
@@ -199,6 +268,7 @@ def compare(
         tol: as in :func:`bnfix.recalibrate`.
         target_fn: picks labels from a validation batch.
         topk: the k of top-k accuracy.
+        ignore_index: as in :func:`bnfix.evaluate`.
 
     Returns:
         A :class:`bnfix.Comparison`.
@@ -215,7 +285,15 @@ def compare(
         progress=progress,
         tol=tol,
     )
-    return compare_planned(model, calib_loader, val_loader, plan, target_fn=target_fn, topk=topk)
+    return compare_planned(
+        model,
+        calib_loader,
+        val_loader,
+        plan,
+        target_fn=target_fn,
+        topk=topk,
+        ignore_index=ignore_index,
+    )
 
 
 def compare_planned(
@@ -226,39 +304,60 @@ def compare_planned(
     *,
     target_fn: Optional[TargetFn] = None,
     topk: Sequence[int] = (1, 5),
+    ignore_index: IgnoreIndex = None,
 ) -> Comparison:
     """:func:`compare` with the calibration options already validated into ``plan``."""
-    # What recalibrate would refuse after the first evaluation pass, refuse now: a typo in
-    # `layers`, or lazy modules (the evaluation pass would silently materialize them).
+    # Refuse what calibrate would refuse before any work: a typo in `layers`, lazy modules.
     check_lazy(model)
     select_layers(model, plan.layers)
     require_reiterable(calib_loader, "calib_loader")
-    require_reiterable(val_loader, "val_loader")
     ks = _check_topk(topk)
-
-    def both_modes(desc: str) -> tuple[dict[str, Evaluation], Gap]:
-        return _passes(
+    ignore = check_ignore_index(ignore_index)
+    bns = [m for _, m in named_modules(model) if isinstance(m, _BatchNorm)]
+    old = [(b, b.clone()) for m in bns for b in m.buffers(recurse=False)]
+    report = calibrate(model, calib_loader, plan)
+    swaps = [(buffer, saved, buffer.clone()) for buffer, saved in old]
+    ways = [
+        _Way("before", "eval", lambda: _eval_with(model, swaps)),
+        _Way("train", "train", lambda: _train_bn(model)),
+        _Way("after", "eval", lambda: bn_mode(model, [])),
+    ]
+    try:
+        results, gaps = _passes(
             model,
             val_loader,
-            ["eval", "train"],
+            ways,
+            [("before", "train"), ("after", "train")],
             forward_fn=plan.forward,
             target_fn=target_fn,
             device=plan.device,
             topk=ks,
+            ignore=ignore,
             progress=plan.progress,
-            desc=desc,
+            desc="bnfix evaluate (before, train-mode BN, after)",
         )
-
-    before, gap_before = both_modes("bnfix evaluate (before)")
-    report = calibrate(model, calib_loader, plan)
-    after, gap_after = both_modes("bnfix evaluate (after)")
+    except BaseException as error:
+        _hand_over(error, report)
+        raise
+    before, after = gaps[("before", "train")], gaps[("after", "train")]
     return Comparison(
-        before=before["eval"],
-        train_bn=before["train"],
-        after=after["eval"],
-        agreement_before=gap_before.agreement,
-        agreement_after=gap_after.agreement,
-        output_gap_before=gap_before.output_gap,
-        output_gap_after=gap_after.output_gap,
+        before=results["before"],
+        train_bn=results["train"],
+        after=results["after"],
+        agreement_before=before.agreement,
+        agreement_after=after.agreement,
+        output_gap_before=before.output_gap,
+        output_gap_after=after.output_gap,
         report=report,
     )
+
+
+def _hand_over(error: BaseException, report: Report) -> None:
+    """Let a caller whose validation pass failed still undo the recalibration it kept."""
+    with contextlib.suppress(AttributeError, TypeError):
+        error.bnfix_report = report  # type: ignore[attr-defined]
+    if hasattr(error, "add_note"):  # Python >= 3.11
+        error.add_note(
+            "bnfix.compare: the model keeps its recalibrated statistics; "
+            "error.bnfix_report.undo() restores the previous ones"
+        )
