@@ -139,7 +139,7 @@ class Report:
             momenta = sorted({f"{lr.momentum:g}" for lr in self.layers if lr.momentum is not None})
             return f"ema, momentum {', '.join(momenta)}" if momenta else "ema"
         if self.method == "layer":
-            return "layer: each layer's own EMA momentum (see the table)"
+            return "each layer's own EMA momentum, see the table"
         return self.method
 
     def __str__(self) -> str:

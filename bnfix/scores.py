@@ -142,11 +142,11 @@ class Evaluation:
 
     def scored(self) -> str:
         """One line: what was scored, per sample or per element, and what was ignored."""
-        unit = "element(s) (dense outputs, scored per element)" if self.dense else "labelled"
+        unit = "labelled elements (dense outputs: scored per element)" if self.dense else "labelled"
         line = f"{self.samples} samples, {self.labelled} {unit}"
         if self.ignored:
             values = ", ".join(str(v) for v in self.ignore_index)
-            line += f", {self.ignored} ignored (label {values})"
+            line += f", {self.ignored} ignored (ignore_index {values})"
         return line
 
     def __str__(self) -> str:

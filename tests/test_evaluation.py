@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 import bnfix
-from bnfix import BnfixError, Evaluation
+from bnfix import BnfixError
 
 SIZES = (7, 30, 2, 50, 39)  # uneven; no batch of 1
 

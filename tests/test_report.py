@@ -134,3 +134,18 @@ def test_report_is_frozen(images: Tensor) -> None:
         report.batches = 3  # type: ignore[misc]
     report.undo()
     assert _bn_bits(model) == {n: bits for n, (_, bits) in snap["buffers"].items()}
+
+
+def test_header_shows_the_ema_momentum_and_the_table_each_layers(images: Tensor) -> None:
+    model = make_convnet()
+    text = str(bnfix.recalibrate(model, split(images, SPLIT), momentum=0.3))
+    assert text.startswith("bnfix: recalibrated 4 BatchNorm layer(s) (ema, momentum 0.3) on 128")
+    assert "momentum" not in text.splitlines()[2]  # one momentum: no column
+    model.bn1.momentum, model.bn2.momentum = 0.05, 0.25
+    report = bnfix.recalibrate(model, split(images, SPLIT), momentum="layer")
+    lines = str(report).splitlines()
+    assert "(each layer's own EMA momentum, see the table)" in lines[0]
+    assert lines[2].split()[-1] == "momentum"
+    momenta = {line.split()[0]: line.split()[-1] for line in lines[4:8]}
+    assert momenta == {"bn0": "0.1", "bn1": "0.05", "bn2": "0.25", "bn3": "0.1"}
+    assert {lr.name: lr.momentum for lr in report.layers}["bn1"] == 0.05
