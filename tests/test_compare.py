@@ -213,3 +213,22 @@ def test_a_torchvision_segmentation_model_gets_numbers_not_dashes() -> None:
     assert "mIoU" in text and "top-5" not in text
     assert "validation: 4 samples, 15360 labelled elements (dense outputs" in text
     assert "1024 ignored (ignore_index -100, 255)" in text
+
+
+def test_compare_planned_takes_ignore_index_and_checks_it_before_any_work(
+    images: Tensor,
+) -> None:
+    from bnfix.evaluation import compare_planned
+    from bnfix.plan import Plan
+
+    model, calib, val = case("dense", images)
+    snap = snapshot(model)
+    loader = Counting(val)
+    with pytest.raises(TypeError, match="Expected `ignore_index`"):
+        compare_planned(model, calib, loader, Plan.build(), ignore_index="255")  # type: ignore[arg-type]
+    assert loader.drawn == 0
+    assert_unchanged(model, snap)
+    comparison = compare_planned(model, calib, loader, Plan.build(), ignore_index=(255, -100, 0))
+    labels = torch.cat([y for _, y in val])
+    assert comparison.after.labelled == int(((labels > 0) & (labels != 255)).sum())
+    assert comparison.after.ignore_index == (255, -100, 0)
