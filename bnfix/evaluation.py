@@ -1,9 +1,15 @@
 """``evaluate()`` and ``compare()``: exact counts, eval mode against train-mode BN.
 
-Accuracy is counted (correct, total, summed loss), never averaged over batches, so an uneven last
-batch weighs what it holds (as torchmetrics does). Train-mode BN means batch statistics in the BN
-layers only: dropout stays off and the running statistics are restored, so measuring it changes
-nothing.
+Accuracy is counted (correct, total, summed loss; per element for dense outputs, see
+:mod:`bnfix.metrics`), never averaged over batches, so an uneven last batch weighs what it holds
+(as torchmetrics does). Train-mode BN means batch statistics in the BN layers only: dropout stays
+off and the running statistics are restored, so measuring it changes nothing.
+
+``compare`` recalibrates first and then reads each validation batch once, running it three ways:
+eval mode with the old statistics copied into the buffers for that forward (and the new ones
+copied back in a ``finally``), train-mode BN (which never reads the running statistics), and eval
+mode with the new statistics. One read instead of two and three forwards instead of four, with
+the numbers the four-pass order gave.
 """
 
 from __future__ import annotations
