@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from bnfix.diagnosis.result import OutputGap
 from bnfix.metrics import Counts, Gap
 
 __all__ = ["Pair", "kl_divergence", "private_rng", "written"]
@@ -70,6 +71,10 @@ class Pair:
     def kl(self) -> Optional[float]:
         """Mean KL per sample (per position for dense outputs), or None for non-score outputs."""
         return self.kl_sum / self.kl_n if self.kl_n else None
+
+    def output_gap(self) -> OutputGap:
+        """Agreement, KL and relative output gap of the other outputs against the reference."""
+        return OutputGap(self.gap.agreement, self.kl, self.gap.output_gap)
 
 
 @contextlib.contextmanager
