@@ -34,7 +34,6 @@ from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from bnfix.batches import (
     ForwardFn,
@@ -42,25 +41,21 @@ from bnfix.batches import (
     default_forward,
     default_target,
     model_device,
-    output_tensor,
     progress_bar,
     to_device,
 )
-from bnfix.collect import Collector, batch_stats
-from bnfix.diagnosis.probes import Pair, private_rng, written
+from bnfix.collect import Collector
+from bnfix.diagnosis.drifts import Stats, drift_starts, layer_drifts
+from bnfix.diagnosis.probes import BothWays, Pair, Setup, written
 from bnfix.diagnosis.result import Diagnosis, LayerDrift
 from bnfix.diagnosis.rules import THRESHOLDS, decide
 from bnfix.errors import BnfixError
 from bnfix.layers import SkipBatch, bn_layers, bn_mode, check_lazy, dropout_layers
 from bnfix.plan import Plan, check_model
-from bnfix.stats import drift
 
 __all__ = ["diagnose"]
 
 Device = Union[None, str, torch.device]
-_Stats = Optional[tuple[Tensor, Tensor]]  # a layer's pooled (mean, var), None when it saw no data
-
-_DROPOUT_SEED = 0  # the dropout pass draws its masks from a private generator with this seed
 
 
 def _check(model: Any, loader: Any, reference: Any, num_batches: Any, forward_fn: Any) -> None:
@@ -76,55 +71,6 @@ def _check(model: Any, loader: Any, reference: Any, num_batches: Any, forward_fn
         raise TypeError("Expected `loader` to be an iterable of batches, but got None")
 
 
-@dataclass(frozen=True)
-class _Setup:
-    """What every pass needs: the model, its BN layers, how to feed a batch and where."""
-
-    model: nn.Module
-    layers: list[tuple[str, _BatchNorm]]
-    forward: ForwardFn
-    device: torch.device
-    num_batches: Optional[int]
-    has_dropout: bool
-
-    @property
-    def modules(self) -> list[_BatchNorm]:
-        return [module for _, module in self.layers]
-
-    def output(self, batch: Any) -> Tensor:
-        """The model's output tensor for one batch, in whatever mode the caller set."""
-        return output_tensor(self.forward(self.model, batch)).detach()
-
-
-class _Moments:
-    """One data source's pooled moments per layer: dropout off and (models with dropout) on.
-
-    Running statistics made with dropout on (training) or off (recalibrated by bnfix) must be
-    compared with statistics of the data made the same way.
-    """
-
-    def __init__(self, setup: _Setup) -> None:
-        self.off = Collector(setup.layers)
-        self.on = Collector(setup.layers) if setup.has_dropout else None
-        self.collectors = [self.off] + ([self.on] if self.on is not None else [])
-
-    def run(self, setup: _Setup, batch: Any, index: int, *, track_order: bool = False) -> Tensor:
-        """Run one batch on BN batch statistics, dropout off and (for models with dropout) on.
-
-        The dropout-on run uses a private RNG seeded by the batch index, so data and reference
-        batches see comparable masks. Returns the dropout-off output: the train-mode-BN
-        prediction compared with eval mode.
-        """
-        dropout_off = batch_stats(setup.model, setup.modules, dropout=False)
-        with dropout_off, self.off.hooks(track_order=track_order):
-            out = setup.output(batch)
-        if self.on is not None:
-            rng = private_rng(setup.device, _DROPOUT_SEED + index)
-            with rng, batch_stats(setup.model, setup.modules, dropout=True), self.on.hooks():
-                setup.forward(setup.model, batch)
-        return out
-
-
 @dataclass
 class _Tally:
     """Batches used and skipped, and samples used, by one pass."""
@@ -135,7 +81,7 @@ class _Tally:
 
 
 def _each_batch(
-    setup: _Setup,
+    setup: Setup,
     loader: Iterable[Any],
     step: Callable[[int, Any, Optional[Tensor]], object],
     collectors: Sequence[Collector] = (),
@@ -166,10 +112,10 @@ def _each_batch(
 
 
 def _first_pass(
-    setup: _Setup, loader: Iterable[Any], progress: bool
-) -> tuple[_Moments, Pair, _Tally]:
+    setup: Setup, loader: Iterable[Any], progress: bool
+) -> tuple[BothWays, Pair, _Tally]:
     """Eval mode against train-mode BN, and the data's moments, over ``loader``."""
-    data, outputs = _Moments(setup), Pair()
+    data, outputs = BothWays(setup), Pair()
 
     def step(index: int, batch: Any, target: Optional[Tensor]) -> None:
         with bn_mode(setup.model, []):
@@ -188,9 +134,9 @@ def _first_pass(
     return data, outputs, tally
 
 
-def _reference_pass(setup: _Setup, reference: Iterable[Any]) -> tuple[_Moments, int]:
+def _reference_pass(setup: Setup, reference: Iterable[Any]) -> tuple[BothWays, int]:
     """The reference data's moments (dropout off and on) and the number of batches used."""
-    moments = _Moments(setup)
+    moments = BothWays(setup)
     tally = _each_batch(
         setup, reference, lambda i, batch, _: moments.run(setup, batch, i), moments.collectors
     )
@@ -202,7 +148,7 @@ def _reference_pass(setup: _Setup, reference: Iterable[Any]) -> tuple[_Moments, 
     return moments, tally.used
 
 
-def _exact_pass(setup: _Setup, loader: Iterable[Any], stats: Sequence[_Stats]) -> Pair:
+def _exact_pass(setup: Setup, loader: Iterable[Any], stats: Sequence[Stats]) -> Pair:
     """Eval mode with the running statistics against eval mode with the exact ones written."""
     outputs = Pair()
 
@@ -267,7 +213,7 @@ def diagnose(
     _check(model, loader, reference, num_batches, forward_fn)
     check_lazy(model)
     start = time.perf_counter()
-    setup = _Setup(
+    setup = Setup(
         model=model,
         layers=bn_layers(model),
         forward=forward_fn or default_forward,
@@ -280,7 +226,7 @@ def diagnose(
     # a second pass needs a re-iterable loader
     exact = None if isinstance(loader, Iterator) else _exact_pass(setup, loader, data.off.stats())
     warnings: list[str] = []
-    layers = _layer_drifts(setup.layers, data, refs, warnings)
+    layers = layer_drifts(setup.layers, data, refs, warnings)
     warnings += _pass_warnings(layers, tally.skipped)
     measured = Diagnosis(
         verdict=(),
@@ -290,7 +236,7 @@ def diagnose(
         train_gap=outputs.output_gap(),
         exact=exact.counts[0].result("exact") if exact is not None else None,
         exact_gap=exact.output_gap() if exact is not None else None,
-        drift_starts=_drift_starts(layers),
+        drift_starts=drift_starts(layers),
         has_dropout=setup.has_dropout,
         batches=tally.used,
         skipped_batches=tally.skipped,
@@ -319,89 +265,3 @@ def _pass_warnings(layers: Sequence[LayerDrift], skipped: int) -> list[str]:
     if not layers:
         warnings.append("the model has no BatchNorm layer that tracks running statistics")
     return warnings
-
-
-def _score(old: Tensor, old_var: Tensor, new: tuple[Tensor, Tensor], eps: float) -> float:
-    """A layer's drift from ``(old, old_var)`` to ``new``, as one number (:attr:`Drift.score`)."""
-    return drift(old, old_var, new[0], new[1], eps).score
-
-
-def _ratio(on: tuple[Tensor, Tensor], off: tuple[Tensor, Tensor], eps: float) -> tuple[float, ...]:
-    """Dropout-on over dropout-off variance: channel mean, and the channel farthest from 1."""
-    ratio = (on[1] + eps) / (off[1] + eps)
-    worst = int(ratio.log().abs().argmax()) if ratio.numel() else 0
-    return float(ratio.mean()), float(ratio[worst]) if ratio.numel() else 1.0
-
-
-def _layer_drifts(
-    layers: Sequence[tuple[str, _BatchNorm]],
-    data: _Moments,
-    refs: Optional[_Moments],
-    warnings: list[str],
-) -> list[LayerDrift]:
-    """Turn the pooled moments into one :class:`LayerDrift` per layer.
-
-    Running statistics are compared with whichever of the reference's dropout-off and dropout-on
-    statistics matches them better, since they may come from training (dropout on) or from a
-    recalibration (dropout off); the data shift compares the reference with this data like for
-    like, dropout off.
-    """
-    none: list[_Stats] = [None] * len(layers)
-    on = data.on.stats() if data.on is not None else none
-    ref_off = refs.off.stats() if refs is not None else none
-    ref_on = refs.on.stats() if refs is not None and refs.on is not None else none
-    result = []
-    for i, (stats, (name, module)) in enumerate(zip(data.off.stats(), layers)):
-        common = LayerDrift(
-            name=name,
-            kind=type(module).__name__,
-            channels=int(module.num_features),
-            order=data.off.order.get(name),
-            elements=data.off.states[i].pooled.n,
-        )
-        if stats is None:
-            result.append(common)
-            continue
-        refs_i = [r for r in (ref_off[i], ref_on[i]) if r is not None] if ref_off[i] else []
-        result.append(_layer_drift(common, module, stats, on[i], refs_i, warnings))
-    return result
-
-
-def _layer_drift(
-    common: LayerDrift,
-    module: _BatchNorm,
-    data: tuple[Tensor, Tensor],
-    dropped: _Stats,
-    refs: Sequence[tuple[Tensor, Tensor]],
-    warnings: list[str],
-) -> LayerDrift:
-    """One used layer: running statistics against the data (dropout off and on) and reference.
-
-    ``refs`` is empty without ``reference=``, else the reference's dropout-off statistics first.
-    """
-    eps = float(module.eps)
-    run_mean = module.running_mean.detach()  # type: ignore[union-attr]
-    run_var = module.running_var.detach()  # type: ignore[union-attr]
-    if not (torch.isfinite(run_mean).all() and torch.isfinite(run_var).all()):
-        warnings.append(f"the running statistics of {common.name} are not finite")
-    if not (torch.isfinite(data[0]).all() and torch.isfinite(data[1]).all()):
-        warnings.append(
-            f"the data gives non-finite statistics in {common.name} (NaN/inf upstream?)"
-        )
-    extra: dict[str, Any] = {"running": drift(run_mean, run_var, data[0], data[1], eps)}
-    if dropped is not None:
-        extra["train_drift"] = _score(run_mean, run_var, dropped, eps)
-        extra["dropout_var_ratio"], extra["dropout_var_ratio_max"] = _ratio(dropped, data, eps)
-    if refs:
-        extra["reference_drift"] = min(_score(run_mean, run_var, r, eps) for r in refs)
-        extra["shift_drift"] = _score(refs[0][0], refs[0][1], data, eps)
-    return dataclasses.replace(common, **extra)
-
-
-def _drift_starts(layers: Sequence[LayerDrift]) -> Optional[str]:
-    """The first layer, in execution order, whose drift reaches the noise threshold."""
-    used = sorted((d for d in layers if d.used), key=lambda d: d.order or 0)
-    for layer in used:
-        if (layer.drift or 0.0) >= THRESHOLDS["drift_small"]:
-            return layer.name
-    return None
