@@ -13,8 +13,9 @@ from conftest import assert_unchanged, snapshot
 from torch import nn
 
 import bnfix
+from bnfix.diagnosis.result import OutputGap
 from bnfix.errors import BnfixError
-from bnfix.stats import moments_of
+from bnfix.stats import Drift, moments_of
 
 torch.set_num_threads(1)
 
@@ -337,3 +338,27 @@ def test_recalibrated_dropout_model_on_shifted_data_is_shift_not_stale(
     assert "stale_statistics" not in [v.cause for v in result.verdict]
     first = result.layers[0]
     assert first.reference_drift is not None and first.reference_drift < 0.1
+
+
+def test_one_ranking_rule_for_recalibration_and_diagnosis() -> None:
+    """Both reports rank layers by ``Drift.score``: the worse of the two channel means, so one
+    extreme channel (max 5, mean 0.1) ranks below a shift every channel shares (0.6)."""
+    spike, broad = Drift(0.1, 5.0, 0.0, 0.0), Drift(0.6, 0.6, 0.0, 0.0)
+    broken = Drift(math.nan, math.nan, 0.0, 0.0)  # corrupt statistics rank first
+    assert (spike.score, broad.score, broken.score) == (0.1, 0.6, math.inf)
+    drifts = {"spike": spike, "broad": broad, "broken": broken}
+    report = bnfix.Report(
+        tuple(
+            bnfix.LayerReport(n, "BatchNorm1d", 3, 10, 1, "fast", None, d)
+            for n, d in drifts.items()
+        )
+    )
+    assert [layer.name for layer in report.worst()] == ["broken", "broad", "spike"]
+    layers = tuple(
+        bnfix.LayerDrift(n, "BatchNorm1d", 3, i, 10, running=d)
+        for i, (n, d) in enumerate(drifts.items())
+    )
+    nothing = bnfix.Evaluation(0, 0, {}, None)
+    diagnosis = bnfix.Diagnosis((), layers, nothing, nothing, OutputGap(None, None, None))
+    assert [layer.name for layer in diagnosis.ranked()] == ["broken", "broad", "spike"]
+    assert [layer.drift for layer in diagnosis.ranked()] == [math.inf, 0.6, 0.1]

@@ -65,7 +65,9 @@ def layer_drifts(
         if stats is None:
             result.append(common)
             continue
-        refs_i = [r for r in (ref_off[i], ref_on[i]) if r is not None] if ref_off[i] else []
+        refs_i = (
+            [r for r in (ref_off[i], ref_on[i]) if r is not None] if ref_off[i] is not None else []
+        )
         result.append(_layer_drift(common, module, stats, on[i], refs_i, warnings))
     return result
 

@@ -181,9 +181,9 @@ def diagnose(
     eval/train-mode-BN gap in outputs and the variance shift from dropout, and returns a verdict:
     ``statistics_mismatch`` (or, with ``reference``, ``stale_statistics`` / ``distribution_shift``),
     ``dropout_variance_shift`` or ``bn_not_the_problem``, most likely first, each with a
-    ``confidence``. The rules and their thresholds (layer drift: noise below 0.1, large from
-    0.5; output gap against the exact statistics; dropout variance ratio) are explained in
-    :mod:`bnfix.diagnosis.rules` and recorded in ``Diagnosis.thresholds``.
+    ``confidence``. The rules and their thresholds (on layer drift, on the output gap against the
+    exact statistics, on the dropout variance ratio) are explained in :mod:`bnfix.diagnosis.rules`
+    and recorded in ``Diagnosis.thresholds``.
 
     BN layers that receive no data are reported as a warning, not a cause (they cannot change
     outputs). Parameters, buffers, ``training`` flags, momenta and hooks are bit-identical
@@ -229,7 +229,7 @@ def diagnose(
     layers = layer_drifts(setup.layers, data, refs, warnings)
     warnings += _pass_warnings(layers, tally.skipped)
     measured = Diagnosis(
-        verdict=(),
+        verdict=(),  # the rules read the measured diagnosis; the verdict is filled in below
         layers=tuple(layers),
         eval=outputs.counts[1].result("eval"),
         train_bn=outputs.counts[0].result("train"),
