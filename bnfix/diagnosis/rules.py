@@ -94,7 +94,7 @@ class Level(IntEnum):
     """How strong a measure (or an output gap) is against its two thresholds."""
 
     NONE = 0  # below the noise threshold; outputs agree
-    SMALL = 1  # above noise, below large; a moderate gap
+    MODERATE = 1  # above noise, below large; a moderate gap
     LARGE = 2
 
 
@@ -110,22 +110,22 @@ def gap_level(gap: OutputGap) -> Level:
     if agreement < t["agreement_large"] or kl > t["kl_large"]:
         return Level.LARGE
     if agreement < t["agreement_moderate"] or kl > t["kl_moderate"]:
-        return Level.SMALL
+        return Level.MODERATE
     return Level.NONE
 
 
 def _level(value: float, small: float, large: float, *, strict: bool = False) -> Level:
     """A measure reaches its thresholds (``strict``: exceeds them, as the output gap must)."""
     if strict:
-        return Level.LARGE if value > large else Level.SMALL if value > small else Level.NONE
-    return Level.LARGE if value >= large else Level.SMALL if value >= small else Level.NONE
+        return Level.LARGE if value > large else Level.MODERATE if value > small else Level.NONE
+    return Level.LARGE if value >= large else Level.MODERATE if value >= small else Level.NONE
 
 
 def _confidence(level: Level, gap: Level) -> str:
     """Large measure + at least moderate gap, or measure above noise + large gap: high."""
     if (level == Level.LARGE and gap) or (level and gap == Level.LARGE):
         return "high"
-    if level == Level.LARGE or gap == Level.SMALL:
+    if level == Level.LARGE or gap == Level.MODERATE:
         return "medium"
     return "low"
 
