@@ -42,7 +42,7 @@ from bnfix.layers import (
 )
 from bnfix.plan import Device, Momentum, NumBatches, Plan, check_model
 from bnfix.report import LayerReport, Report
-from bnfix.stats import Moments, drift
+from bnfix.stats import Drift, Moments, drift
 
 __all__ = ["calibrate", "recalibrate"]
 
@@ -120,10 +120,9 @@ def _layer_reports(
     ):
         module = state.module
         if stats is None:
-            moved = (0.0, 0.0, 0.0, 0.0)
+            moved = Drift(0.0, 0.0, 0.0, 0.0)
         else:
-            device = stats[0].device
-            moved = drift(old_mean.to(device), old_var.to(device), stats[0], stats[1], module.eps)
+            moved = drift(old_mean, old_var, stats[0], stats[1], module.eps)
         reports.append(
             LayerReport(
                 name=state.name,
@@ -133,10 +132,7 @@ def _layer_reports(
                 batches=count,
                 path="unused" if stats is None else state.path,
                 momentum=state.momentum,
-                mean_shift=moved[0],
-                mean_shift_max=moved[1],
-                log_var_ratio=moved[2],
-                log_var_ratio_max=moved[3],
+                drift=moved,
             )
         )
     return reports

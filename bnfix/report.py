@@ -10,11 +10,11 @@ are re-exported here.
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 from bnfix.scores import Comparison, Evaluation
+from bnfix.stats import Drift
 from bnfix.tables import fmt_float, fmt_percent, json_safe, render_table
 
 __all__ = [
@@ -42,10 +42,9 @@ class LayerReport:
         path: "fast" (read the layer's own batch statistics), "fallback" (moments computed from
             the input, for BN subclasses with their own forward) or "unused" (saw no data; kept).
         momentum: the EMA momentum used, None for exact pooling.
-        mean_shift: mean over channels of ``|new mean - old mean| / sqrt(new var + eps)``.
-        mean_shift_max: the same, worst channel.
-        log_var_ratio: mean over channels of ``|log((new var + eps) / (old var + eps))|``.
-        log_var_ratio_max: the same, worst channel.
+        drift: how far the new statistics are from the old ones (:class:`bnfix.stats.Drift`;
+            zero for an unused layer); its four numbers are also attributes of the report
+            (``mean_shift``, ``mean_shift_max``, ``log_var_ratio``, ``log_var_ratio_max``).
     """
 
     name: str
@@ -55,20 +54,32 @@ class LayerReport:
     batches: int
     path: str
     momentum: Optional[float]
-    mean_shift: float
-    mean_shift_max: float
-    log_var_ratio: float
-    log_var_ratio_max: float
+    drift: Drift
 
     @property
-    def max_drift(self) -> float:
-        """One number to rank layers by: the worse of the max mean shift and max log-var ratio."""
-        values = [self.mean_shift_max, self.log_var_ratio_max]
-        return max((v if math.isfinite(v) else math.inf) for v in values)
+    def mean_shift(self) -> float:
+        """Mean over channels of ``|new mean - old mean| / sqrt(new var + eps)``."""
+        return self.drift.mean_shift
+
+    @property
+    def mean_shift_max(self) -> float:
+        """The same, worst channel."""
+        return self.drift.mean_shift_max
+
+    @property
+    def log_var_ratio(self) -> float:
+        """Mean over channels of ``|log((new var + eps) / (old var + eps))|``."""
+        return self.drift.log_var_ratio
+
+    @property
+    def log_var_ratio_max(self) -> float:
+        """The same, worst channel."""
+        return self.drift.log_var_ratio_max
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready fields."""
-        return json_safe(dataclasses.asdict(self))
+        """JSON-ready fields, the drift's four numbers flat (as before :class:`Drift` existed)."""
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "drift"}
+        return json_safe({**data, **self.drift.to_dict()})
 
 
 @dataclass(frozen=True)
@@ -112,9 +123,9 @@ class Report:
         return tuple(layer.name for layer in self.layers if layer.path == "unused")
 
     def worst(self, k: int = 5) -> list[LayerReport]:
-        """The ``k`` layers whose statistics moved most."""
+        """The ``k`` layers whose statistics moved most (by :attr:`bnfix.stats.Drift.score`)."""
         used = [layer for layer in self.layers if layer.path != "unused"]
-        return sorted(used, key=lambda layer: -layer.max_drift)[:k]
+        return sorted(used, key=lambda layer: -layer.drift.score)[:k]
 
     def undo(self) -> None:
         """Put back the statistics the layers had before the call, bit for bit."""

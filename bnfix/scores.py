@@ -256,10 +256,10 @@ class Comparison:
         worst = r.worst(3)
         if worst:
             lines.append(
-                "largest drift: "
+                "largest drift (mean over channels): "
                 + ", ".join(
-                    f"{w.name} (shift {fmt_float(w.mean_shift_max)}, "
-                    f"|log var| {fmt_float(w.log_var_ratio_max)})"
+                    f"{w.name} (shift {fmt_float(w.mean_shift)}, "
+                    f"|log var| {fmt_float(w.log_var_ratio)})"
                     for w in worst
                 )
             )

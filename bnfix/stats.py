@@ -17,7 +17,16 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["Moments", "RowBuffer", "SpreadTracker", "drift", "ema_rows", "moments_of", "pool_rows"]
+__all__ = [
+    "Drift",
+    "Moments",
+    "RowBuffer",
+    "SpreadTracker",
+    "drift",
+    "ema_rows",
+    "moments_of",
+    "pool_rows",
+]
 
 
 @dataclass(frozen=True)
@@ -216,17 +225,56 @@ class SpreadTracker:
         return float(torch.maximum(rel_mean, rel_var).max())
 
 
+@dataclass(frozen=True)
+class Drift:
+    """How far one BN layer's statistics moved, per channel, in units that matter to its output.
+
+    Attributes:
+        mean_shift: mean over channels of ``|new mean - old mean| / sqrt(new var + eps)``: how
+            many standard deviations the normalized activations move.
+        mean_shift_max: the same, worst channel.
+        log_var_ratio: mean over channels of ``|log((new var + eps) / (old var + eps))|``: by how
+            much their scale is off.
+        log_var_ratio_max: the same, worst channel.
+    """
+
+    mean_shift: float
+    mean_shift_max: float
+    log_var_ratio: float
+    log_var_ratio_max: float
+
+    @property
+    def score(self) -> float:
+        """One number to rank layers by: the worse of the two channel means (NaN counts as inf).
+
+        Channel means rather than maxima: a single near-dead channel can show a large relative
+        change that moves nothing downstream, while a shift shared by the channels moves every
+        later layer. The maxima stay in the tables and the JSON. NaN (from corrupt statistics)
+        ranks first: a broken layer is the worst.
+        """
+        values = (self.mean_shift, self.log_var_ratio)
+        return max(math.inf if math.isnan(v) else v for v in values)
+
+    def to_dict(self) -> dict[str, float]:
+        """The four fields by name (callers make them JSON-safe)."""
+        return {
+            "mean_shift": self.mean_shift,
+            "mean_shift_max": self.mean_shift_max,
+            "log_var_ratio": self.log_var_ratio,
+            "log_var_ratio_max": self.log_var_ratio_max,
+        }
+
+
 def drift(
     old_mean: Tensor, old_var: Tensor, new_mean: Tensor, new_var: Tensor, eps: float
-) -> tuple[float, float, float, float]:
-    """How far new statistics moved from old ones, in units that matter to the layer's output.
+) -> Drift:
+    """How far new statistics ``(new_mean, new_var)`` moved from old ones, as a :class:`Drift`.
 
-    Returns ``(mean shift, max mean shift, |log var ratio|, max |log var ratio|)`` over channels:
-    the mean shift is ``|new mean - old mean| / sqrt(new var + eps)`` (how many standard deviations
-    the normalized activations move) and the log variance ratio is
-    ``|log((new var + eps) / (old var + eps))|`` (by how much their scale is off).
+    The old statistics are moved to the new ones' device and compared in float64.
     """
-    old_mean, old_var = old_mean.to(torch.float64), old_var.to(torch.float64)
+    device = new_mean.device
+    old_mean = old_mean.to(device, torch.float64)
+    old_var = old_var.to(device, torch.float64)
     shift = (new_mean - old_mean).abs() / (new_var + eps).sqrt()
     logvar = ((new_var + eps) / (old_var + eps)).log().abs()
-    return (float(shift.mean()), float(shift.max()), float(logvar.mean()), float(logvar.max()))
+    return Drift(float(shift.mean()), float(shift.max()), float(logvar.mean()), float(logvar.max()))

@@ -157,6 +157,7 @@ def snapshot(model: nn.Module) -> dict[str, Any]:
         "momenta": {n: m.momentum for n, m in model.named_modules() if isinstance(m, _BatchNorm)},
         "attrs": {n: set(m.__dict__) for n, m in model.named_modules()},
         "hooks": hook_state(model),
+        "rng": torch.get_rng_state(),
     }
 
 
@@ -189,9 +190,12 @@ def hooks_left(model: nn.Module) -> list[str]:
 
 
 def assert_unchanged(
-    model: nn.Module, snap: dict[str, Any], *, except_buffers: Iterable[str] = ()
+    model: nn.Module, snap: dict[str, Any], *, except_buffers: Iterable[str] = (), rng: bool = False
 ) -> None:
-    """Bit-identical params and buffers (same tensor objects), flags, momenta, no hooks."""
+    """Bit-identical params and buffers (same tensor objects), flags, momenta, no hooks.
+
+    With ``rng``, also the global CPU random state (for code that promises not to draw from it).
+    """
     skip = set(except_buffers)
     params = dict(model.named_parameters())
     assert params.keys() == snap["params"].keys()
@@ -211,6 +215,8 @@ def assert_unchanged(
     ]
     assert {n: set(m.__dict__) for n, m in model.named_modules()} == snap["attrs"]
     assert hook_state(model) == snap["hooks"]
+    if rng:
+        assert torch.equal(torch.get_rng_state(), snap["rng"]), "the global RNG state changed"
 
 
 @pytest.fixture

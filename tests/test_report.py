@@ -13,6 +13,7 @@ from torch import Tensor
 
 import bnfix
 from bnfix.report import Evaluation, LayerReport, Report, json_safe, render_table
+from bnfix.stats import Drift
 
 
 def _bn_bits(model: torch.nn.Module) -> dict[str, bytes]:
@@ -90,8 +91,8 @@ def test_report_of_no_bn_model_renders() -> None:
 
 def test_unused_and_skipped_are_rendered() -> None:
     layers = (
-        LayerReport("a", "BatchNorm2d", 3, 0, 0, "unused", None, 0.0, 0.0, 0.0, 0.0),
-        LayerReport("b", "BatchNorm2d", 3, 10, 1, "fast", None, 0.1, 0.2, 0.3, 0.4),
+        LayerReport("a", "BatchNorm2d", 3, 0, 0, "unused", None, Drift(0.0, 0.0, 0.0, 0.0)),
+        LayerReport("b", "BatchNorm2d", 3, 10, 1, "fast", None, Drift(0.1, 0.2, 0.3, 0.4)),
     )
     report = Report(layers, skipped_layers=(("c", "why"),), warnings=("w!",), ranks=2)
     text = str(report)

@@ -11,16 +11,22 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from bnfix.batches import ForwardFn, output_tensor
+from bnfix.collect import Collector, batch_stats
+from bnfix.diagnosis.result import OutputGap
 from bnfix.metrics import Counts, Gap
 
-__all__ = ["Pair", "kl_divergence", "private_rng", "written"]
+__all__ = ["DROPOUT_SEED", "BothWays", "Pair", "Setup", "kl_divergence", "private_rng", "written"]
+
+DROPOUT_SEED = 0  # the dropout runs draw their masks from a private generator with this seed
 
 
 @contextlib.contextmanager
@@ -71,6 +77,10 @@ class Pair:
         """Mean KL per sample (per position for dense outputs), or None for non-score outputs."""
         return self.kl_sum / self.kl_n if self.kl_n else None
 
+    def output_gap(self) -> OutputGap:
+        """Agreement, KL and relative output gap of the other outputs against the reference."""
+        return OutputGap(self.gap.agreement, self.kl, self.gap.output_gap)
+
 
 @contextlib.contextmanager
 def written(layers: Sequence[tuple[str, _BatchNorm]], stats: Sequence[Any]) -> Iterator[None]:
@@ -90,3 +100,53 @@ def written(layers: Sequence[tuple[str, _BatchNorm]], stats: Sequence[Any]) -> I
     finally:
         for buffer, value in saved:
             buffer.copy_(value)
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What every pass needs: the model, its BN layers, how to feed a batch and where."""
+
+    model: nn.Module
+    layers: list[tuple[str, _BatchNorm]]
+    forward: ForwardFn
+    device: torch.device
+    num_batches: Optional[int]
+    has_dropout: bool
+
+    @property
+    def modules(self) -> list[_BatchNorm]:
+        """The BN modules, in model order."""
+        return [module for _, module in self.layers]
+
+    def output(self, batch: Any) -> Tensor:
+        """The model's output tensor for one batch, in whatever mode the caller set."""
+        return output_tensor(self.forward(self.model, batch)).detach()
+
+
+class BothWays:
+    """One data source's pooled moments per layer: dropout off and (models with dropout) on.
+
+    Running statistics made with dropout on (training) or off (recalibrated by bnfix) must be
+    compared with statistics of the data made the same way.
+    """
+
+    def __init__(self, setup: Setup) -> None:
+        self.off = Collector(setup.layers)
+        self.on = Collector(setup.layers) if setup.has_dropout else None
+        self.collectors = [self.off] + ([self.on] if self.on is not None else [])
+
+    def run(self, setup: Setup, batch: Any, index: int, *, track_order: bool = False) -> Tensor:
+        """Run one batch on BN batch statistics, dropout off and (for models with dropout) on.
+
+        The dropout-on run uses a private RNG seeded by the batch index, so data and reference
+        batches see comparable masks. Returns the dropout-off output: the train-mode-BN
+        prediction compared with eval mode.
+        """
+        dropout_off = batch_stats(setup.model, setup.modules, dropout=False)
+        with dropout_off, self.off.hooks(track_order=track_order):
+            out = setup.output(batch)
+        if self.on is not None:
+            rng = private_rng(setup.device, DROPOUT_SEED + index)
+            with rng, batch_stats(setup.model, setup.modules, dropout=True), self.on.hooks():
+                setup.forward(setup.model, batch)
+        return out

@@ -1,7 +1,7 @@
 """What :func:`bnfix.diagnose` found: frozen dataclasses, a text table, JSON and an optional plot.
 
-Kept apart from :mod:`bnfix.report` (recalibration results) and from :mod:`bnfix.diagnosis.measure` (the
-measurements and the verdict rules): collecting, formatting and printing stay separate, as in
+Kept apart from :mod:`bnfix.report` (recalibration results), from :mod:`bnfix.diagnosis.measure` (the
+measurements) and :mod:`bnfix.diagnosis.rules` (the verdict rules): collecting, formatting and printing stay separate, as in
 ``torch.utils.collect_env``. ``to_dict()`` is always valid JSON (non-finite floats become None).
 """
 
@@ -14,26 +14,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
-from bnfix.report import Evaluation, json_safe, render_table
-from bnfix.report import fmt_float as _fmt
-from bnfix.report import fmt_percent as _pct
+from bnfix.diagnosis import render
+from bnfix.report import Evaluation, json_safe
+from bnfix.stats import Drift
 
-__all__ = ["Diagnosis", "LayerDrift", "Verdict"]
+__all__ = ["CONFIDENCES", "Diagnosis", "LayerDrift", "OutputGap", "Verdict"]
 
-CAUSES = (
-    "statistics_mismatch",
-    "stale_statistics",
-    "distribution_shift",
-    "dropout_variance_shift",
-    "bn_not_the_problem",
-)
 CONFIDENCES = ("high", "medium", "low")
-
-
-def _worse(*values: Optional[float]) -> Optional[float]:
-    """The largest of the given values (NaN counts as inf: a broken statistic is the worst)."""
-    present = [math.inf if math.isnan(v) else v for v in values if v is not None]
-    return max(present) if present else None
+_DRIFT = tuple(f.name for f in dataclasses.fields(Drift))
 
 
 @dataclass(frozen=True)
@@ -51,10 +39,9 @@ class LayerDrift:
         channels: number of channels.
         order: position in execution order (0 = first BN the data reaches); None if unused.
         elements: elements per channel pooled (0 for a layer that received no data).
-        mean_shift: mean over channels of ``|running mean - data mean| / sqrt(data var + eps)``.
-        mean_shift_max: the same, worst channel.
-        log_var_ratio: mean over channels of ``|log((running var + eps) / (data var + eps))|``.
-        log_var_ratio_max: the same, worst channel.
+        running: the data's statistics against the running ones (:class:`bnfix.stats.Drift`,
+            whose four numbers are also attributes here: ``mean_shift``, ``mean_shift_max``,
+            ``log_var_ratio``, ``log_var_ratio_max``); None for an unused layer.
         train_drift: with Dropout-family modules in the model, the drift (as :attr:`drift`) of the
             running statistics against the data's statistics with dropout *on*, i.e. under
             training conditions; None without dropout.
@@ -72,10 +59,7 @@ class LayerDrift:
     channels: int
     order: Optional[int]
     elements: int
-    mean_shift: Optional[float] = None
-    mean_shift_max: Optional[float] = None
-    log_var_ratio: Optional[float] = None
-    log_var_ratio_max: Optional[float] = None
+    running: Optional[Drift] = None
     train_drift: Optional[float] = None
     dropout_var_ratio: Optional[float] = None
     dropout_var_ratio_max: Optional[float] = None
@@ -89,12 +73,28 @@ class LayerDrift:
 
     @property
     def drift(self) -> Optional[float]:
-        """One number per layer: the worse of the channel-mean shift and channel-mean |log var|.
+        """One number per layer, :attr:`bnfix.stats.Drift.score` of :attr:`running`."""
+        return None if self.running is None else self.running.score
 
-        Channel means rather than maxima: a single near-dead channel can show a large relative
-        change that moves nothing downstream. The maxima are in the table and JSON.
-        """
-        return _worse(self.mean_shift, self.log_var_ratio)
+    @property
+    def mean_shift(self) -> Optional[float]:
+        """Mean over channels of ``|running mean - data mean| / sqrt(data var + eps)``."""
+        return None if self.running is None else self.running.mean_shift
+
+    @property
+    def mean_shift_max(self) -> Optional[float]:
+        """The same, worst channel."""
+        return None if self.running is None else self.running.mean_shift_max
+
+    @property
+    def log_var_ratio(self) -> Optional[float]:
+        """Mean over channels of ``|log((running var + eps) / (data var + eps))|``."""
+        return None if self.running is None else self.running.log_var_ratio
+
+    @property
+    def log_var_ratio_max(self) -> Optional[float]:
+        """The same, worst channel."""
+        return None if self.running is None else self.running.log_var_ratio_max
 
     @property
     def dropout_shift(self) -> Optional[float]:
@@ -104,11 +104,41 @@ class LayerDrift:
         return abs(math.log(self.dropout_var_ratio))
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready fields plus the derived ``drift`` and ``used``."""
-        data = dataclasses.asdict(self)
-        data["used"] = self.used
-        data["drift"] = self.drift
-        return json_safe(data)
+        """JSON-ready fields (the drift's four numbers flat) plus the derived ``used`` and ``drift``."""
+        running = self.running.to_dict() if self.running is not None else dict.fromkeys(_DRIFT)
+        head = {"name": self.name, "kind": self.kind, "channels": self.channels}
+        return json_safe(
+            {
+                **head,
+                "order": self.order,
+                "elements": self.elements,
+                **running,
+                "train_drift": self.train_drift,
+                "dropout_var_ratio": self.dropout_var_ratio,
+                "dropout_var_ratio_max": self.dropout_var_ratio_max,
+                "reference_drift": self.reference_drift,
+                "shift_drift": self.shift_drift,
+                "used": self.used,
+                "drift": self.drift,
+            }
+        )
+
+
+@dataclass(frozen=True)
+class OutputGap:
+    """How far eval mode's outputs are from a reference way of running the same samples.
+
+    Attributes:
+        agreement: fraction of samples whose top-1 predictions agree (None when the outputs are
+            not class scores).
+        kl: mean ``KL(p_reference || p_eval)`` in nats per sample (per position for dense
+            outputs), softmax over dim 1; None when the outputs are not scores.
+        output_gap: ``||eval - reference|| / ||reference||`` over all outputs.
+    """
+
+    agreement: Optional[float]
+    kl: Optional[float]
+    output_gap: Optional[float]
 
 
 @dataclass(frozen=True)
@@ -118,7 +148,7 @@ class Verdict:
     Attributes:
         cause: one of ``statistics_mismatch``, ``stale_statistics``, ``distribution_shift``,
             ``dropout_variance_shift``, ``bn_not_the_problem``.
-        confidence: ``high``, ``medium`` or ``low`` (thresholds: :mod:`bnfix.diagnosis.measure`).
+        confidence: ``high``, ``medium`` or ``low`` (thresholds: :mod:`bnfix.diagnosis.rules`).
         evidence: the measured numbers the verdict rests on, by name.
         explanation: one or two sentences saying what the numbers mean.
         fix: the command or library call that fixes it.
@@ -152,16 +182,13 @@ class Diagnosis:
         layers: one :class:`LayerDrift` per BN layer tracking running statistics, in model order.
         eval: eval-mode counts (running statistics).
         train_bn: counts with BN on batch statistics, dropout off.
-        agreement: fraction of samples whose eval and train-mode-BN top-1 agree (None when the
-            outputs are not class scores).
-        kl: mean ``KL(p_train || p_eval)`` in nats per sample (per position for dense outputs),
-            softmax over dim 1; None when outputs are not scores.
-        output_gap: ``||eval - train|| / ||train||`` over all outputs.
+        train_gap: eval mode against train-mode BN (what the network saw in training):
+            ``agreement``, ``kl`` and ``output_gap`` (also attributes of the diagnosis).
         exact: eval mode with the exact statistics of the data written in meanwhile (what
             :func:`bnfix.recalibrate` on this data would give), from a second pass; None when
             the loader is a one-shot iterator.
-        exact_agreement, exact_kl, exact_output_gap: the same comparisons as above, of eval mode
-            against eval mode with exact statistics. Unlike train-mode BN, this reference carries
+        exact_gap: eval mode against eval mode with exact statistics (``exact_agreement``,
+            ``exact_kl``, ``exact_output_gap``). Unlike train-mode BN, this reference carries
             no batch-statistics noise, so it isolates what the running statistics cost.
         drift_starts: the first layer in execution order whose drift reaches the noise threshold
             (None if none does): upstream of it the statistics are fine.
@@ -171,19 +198,16 @@ class Diagnosis:
         reference_batches: batches of ``reference`` used (0 without one).
         warnings: things to know that are not causes (unused layers, skipped batches...).
         seconds: wall time.
+        thresholds: the verdict thresholds used (:data:`bnfix.diagnosis.rules.THRESHOLDS`).
     """
 
     verdict: tuple[Verdict, ...]
     layers: tuple[LayerDrift, ...]
     eval: Evaluation
     train_bn: Evaluation
-    agreement: Optional[float]
-    kl: Optional[float]
-    output_gap: Optional[float]
+    train_gap: OutputGap
     exact: Optional[Evaluation] = None
-    exact_agreement: Optional[float] = None
-    exact_kl: Optional[float] = None
-    exact_output_gap: Optional[float] = None
+    exact_gap: Optional[OutputGap] = None
     drift_starts: Optional[str] = None
     has_dropout: bool = False
     batches: int = 0
@@ -193,6 +217,36 @@ class Diagnosis:
     warnings: tuple[str, ...] = ()
     seconds: float = 0.0
     thresholds: Mapping[str, float] = field(default_factory=dict)
+
+    @property
+    def agreement(self) -> Optional[float]:
+        """Top-1 agreement of eval mode and train-mode BN (None for non-score outputs)."""
+        return self.train_gap.agreement
+
+    @property
+    def kl(self) -> Optional[float]:
+        """Mean ``KL(p_train || p_eval)`` in nats (None for non-score outputs)."""
+        return self.train_gap.kl
+
+    @property
+    def output_gap(self) -> Optional[float]:
+        """``||eval - train|| / ||train||`` over all outputs."""
+        return self.train_gap.output_gap
+
+    @property
+    def exact_agreement(self) -> Optional[float]:
+        """Top-1 agreement of eval mode with and without the exact statistics."""
+        return self.exact_gap.agreement if self.exact_gap is not None else None
+
+    @property
+    def exact_kl(self) -> Optional[float]:
+        """Mean ``KL(p_exact || p_eval)`` in nats."""
+        return self.exact_gap.kl if self.exact_gap is not None else None
+
+    @property
+    def exact_output_gap(self) -> Optional[float]:
+        """``||eval - exact|| / ||exact||`` over all outputs."""
+        return self.exact_gap.output_gap if self.exact_gap is not None else None
 
     @property
     def cause(self) -> str:
@@ -239,105 +293,14 @@ class Diagnosis:
 
     def layer_table(self) -> str:
         """Per-layer drift, largest first (unused layers last)."""
-        reference = any(layer.reference_drift is not None for layer in self.layers)
-        headers = ["layer", "C", "shift", "shift max", "|log var|", "|log var| max"]
-        if self.has_dropout:
-            headers += ["drop var", "vs train"]
-        if reference:
-            headers += ["vs ref", "ref vs data"]
-        rows = []
-        ordered = self.ranked() + [layer for layer in self.layers if not layer.used]
-        for layer in ordered:
-            row = [
-                layer.name + ("" if layer.used else " (unused)"),
-                str(layer.channels),
-                _fmt(layer.mean_shift),
-                _fmt(layer.mean_shift_max),
-                _fmt(layer.log_var_ratio),
-                _fmt(layer.log_var_ratio_max),
-            ]
-            if self.has_dropout:
-                row += [_fmt(layer.dropout_var_ratio), _fmt(layer.train_drift)]
-            if reference:
-                row += [_fmt(layer.reference_drift), _fmt(layer.shift_drift)]
-            rows.append(row)
-        return render_table(headers, rows)
+        return render.layer_table(self)
 
     def __str__(self) -> str:
-        lines = [
-            f"bnfix diagnose: {self.samples} samples in {self.batches} batch(es), "
-            f"{len(self.layers)} BatchNorm layer(s), {self.seconds:.2f} s",
-            "",
-            "verdict (most likely first):",
-        ]
-        for i, v in enumerate(self.verdict, 1):
-            numbers = ", ".join(f"{k}={_evidence(x)}" for k, x in v.evidence.items())
-            lines += [
-                f"  {i}. {v.cause} ({v.confidence}): {v.explanation}",
-                f"     evidence: {numbers}",
-                f"     fix: {v.fix}",
-            ]
-        exact_top1 = self.exact.top1 if self.exact is not None else None
-        exact_loss = self.exact.loss if self.exact is not None else None
-        gap_rows = [
-            ["top-1", _pct(self.eval.top1), _pct(self.train_bn.top1), _pct(exact_top1)],
-            [
-                "loss",
-                _fmt(self.eval.loss, 4),
-                _fmt(self.train_bn.loss, 4),
-                _fmt(exact_loss, 4),
-            ],
-            ["agreement with eval", "", _pct(self.agreement), _pct(self.exact_agreement)],
-            ["KL(. || eval)", "", _fmt(self.kl, 4), _fmt(self.exact_kl, 4)],
-            ["output gap to eval", "", _fmt(self.output_gap, 4), _fmt(self.exact_output_gap, 4)],
-        ]
-        headers = ["outputs", "eval", "train-mode BN", "eval, exact stats"]
-        lines += ["", render_table(headers, gap_rows)]
-        if self.layers:
-            lines += ["", self.layer_table()]
-            if self.drift_starts is not None:
-                lines.append(f"drift starts at: {self.drift_starts}")
-        lines += [f"warning: {w}" for w in self.warnings]
-        return "\n".join(lines)
+        return render.text(self)
 
     def side_by_side(self, other: Diagnosis, labels: Sequence[str] = ("this", "other")) -> str:
         """Per-layer drift of two diagnoses of the same architecture (e.g. before/after recalibration)."""
-        theirs = {layer.name: layer for layer in other.layers}
-        a, b = labels[0], labels[1]
-        rows = []
-        for layer in self.layers:
-            mine = layer
-            match = theirs.get(layer.name)
-            rows.append(
-                [
-                    layer.name,
-                    _fmt(mine.drift),
-                    _fmt(match.drift if match else None),
-                    _fmt(mine.mean_shift_max),
-                    _fmt(match.mean_shift_max if match else None),
-                    _fmt(mine.log_var_ratio_max),
-                    _fmt(match.log_var_ratio_max if match else None),
-                ]
-            )
-        headers = [
-            "layer",
-            f"drift {a}",
-            f"drift {b}",
-            f"shift max {a}",
-            f"shift max {b}",
-            f"|log var| max {a}",
-            f"|log var| max {b}",
-        ]
-        summary = render_table(
-            ["", a, b],
-            [
-                ["cause", self.cause, other.cause],
-                ["eval top-1", _pct(self.eval.top1), _pct(other.eval.top1)],
-                ["agreement", _pct(self.agreement), _pct(other.agreement)],
-                ["KL(train||eval)", _fmt(self.kl, 4), _fmt(other.kl, 4)],
-            ],
-        )
-        return summary + "\n\n" + render_table(headers, rows)
+        return render.side_by_side(self, other, labels)
 
     def plot(
         self,
@@ -349,47 +312,9 @@ class Diagnosis:
         """Save a per-layer drift chart (mean shift and |log var| per layer, execution order).
 
         With ``other`` (e.g. the diagnosis of the recalibrated checkpoint) both are drawn side by
-        side. Needs matplotlib (``pip install matplotlib``); it is imported only here, through
-        its object-oriented API, so no GUI backend is touched.
+        side. Needs matplotlib (``pip install matplotlib``), imported only when called.
 
         Raises:
             ImportError: matplotlib is not installed.
         """
-        try:
-            from matplotlib.figure import Figure
-        except ImportError as error:  # pragma: no cover - depends on the environment
-            raise ImportError(
-                "Diagnosis.plot needs matplotlib, which is not installed; "
-                "install it with `pip install matplotlib`"
-            ) from error
-        diagnoses = [(labels[0], self)] + ([(labels[1], other)] if other is not None else [])
-        layers = sorted(
-            (layer for layer in self.layers if layer.used),
-            key=lambda layer: layer.order if layer.order is not None else 0,
-        )
-        names = [layer.name for layer in layers]
-        fig = Figure(figsize=(max(6.0, 0.35 * len(names) + 2), 6.0))
-        axes = fig.subplots(2, 1, sharex=True)
-        width = 0.8 / len(diagnoses)
-        for k, (label, diagnosis) in enumerate(diagnoses):
-            by_name = {layer.name: layer for layer in diagnosis.layers}
-            xs = [i + (k - (len(diagnoses) - 1) / 2) * width for i in range(len(names))]
-            shift = [(by_name[n].mean_shift or 0.0) if n in by_name else 0.0 for n in names]
-            logvar = [(by_name[n].log_var_ratio or 0.0) if n in by_name else 0.0 for n in names]
-            axes[0].bar(xs, shift, width=width, label=label)
-            axes[1].bar(xs, logvar, width=width, label=label)
-        axes[0].set_ylabel("mean shift (std units)")
-        axes[1].set_ylabel("|log var ratio|")
-        axes[1].set_xticks(range(len(names)))
-        axes[1].set_xticklabels(names, rotation=60, ha="right", fontsize=7)
-        if other is not None:
-            axes[0].legend()
-        axes[0].set_title("BatchNorm running statistics vs the data (channel means)")
-        fig.tight_layout()
-        fig.savefig(os.fspath(path))
-
-
-def _evidence(value: Any) -> str:
-    if isinstance(value, float):
-        return _fmt(value, 4)
-    return str(value)
+        render.plot_drift(self, path, other=other, labels=labels)
