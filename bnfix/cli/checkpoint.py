@@ -202,9 +202,16 @@ def _find_weights(
         raise CheckpointError(torch_pickle.TORCHSCRIPT_MESSAGE.format(path=path))
     if key is not None:
         if not isinstance(container, Mapping) or key not in container:
-            keys = list(container) if isinstance(container, Mapping) else []
+            keys = [str(k) for k in container] if isinstance(container, Mapping) else []
+            shown = ", ".join(keys[:10]) + (f" and {len(keys) - 10} more" if len(keys) > 10 else "")
             raise CheckpointError(
-                f"Expected --key {key!r} in {path}, but its top-level keys are {keys or '(none: not a dict)'}"
+                f"Expected --key {key!r} in {path}, but its top-level keys are "
+                f"{shown or '(none: not a dict)'}"
+                + (
+                    "; a flat state_dict has no --key (see --prefix)"
+                    if _is_state_dict(container)
+                    else ""
+                )
             )
         value = container[key]
         if isinstance(value, nn.Module):
