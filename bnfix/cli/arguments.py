@@ -57,7 +57,11 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
     """CKPT and how to build the model it holds weights for."""
-    parser.add_argument("checkpoint", metavar="CKPT", help="checkpoint written by torch.save")
+    parser.add_argument(
+        "checkpoint",
+        metavar="CKPT",
+        help="checkpoint: a torch.save file (.pt, .pth, .ckpt) or .safetensors",
+    )
     group = parser.add_argument_group("model")
     group.add_argument(
         "--arch", metavar="NAME", help='torchvision model name (weights=None), or "timm:NAME"'
@@ -81,6 +85,11 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--key", metavar="KEY", help="checkpoint entry holding the weights (default: auto-detected)"
+    )
+    group.add_argument(
+        "--prefix",
+        metavar="P",
+        help="prefix of the model's keys in the checkpoint, e.g. 'net.' or '' for none (default: the one prefix under which every model key fits); other entries are carried along unchanged",
     )
     group.add_argument(
         "--trust-checkpoint",

@@ -1,21 +1,26 @@
-"""Checkpoints in and out: find the state_dict, clean prefixes, load strictly, write atomically.
+"""Checkpoints in and out: read the file, find the weights and their prefix, write atomically.
 
-Reading is ``torch.load(weights_only=True)`` unless the user trusts the file: unpickling arbitrary
-objects runs arbitrary code. The plain data types real training scripts store beside the weights
-(timm's ``argparse.Namespace``, numpy scalars and arrays) are allow-listed; anything else that
-blocks the load is named, and never loaded silently. Writing keeps the input's container (optimizer,
-epoch, extra keys, prefixes, dtypes) and replaces only the BatchNorm buffers, through a temporary
-file in the same folder, fsync and rename, so a crash or Ctrl-C never leaves a half-written file
-(as timm's ``_helpers`` does).
+Two formats. A ``.safetensors`` file (timm's and Hugging Face's default) is read and written with
+the ``safetensors`` package, ``__metadata__`` included. Anything else is a torch pickle, read with
+``torch.load(weights_only=True)`` unless the user trusts the file: unpickling arbitrary objects
+runs arbitrary code. The plain data types real training scripts store beside the weights (timm's
+``argparse.Namespace``, numpy scalars and arrays) are allow-listed; anything else that blocks the
+load is named, and never loaded silently.
+
+Writing keeps the input's container (optimizer, epoch, extra keys, prefixes, dtypes, metadata) and
+replaces only the BatchNorm buffers; every other entry, the model's or a passenger's (see
+:mod:`bnfix.cli.prefixes`), is written back bitwise equal. The output takes the format its name
+asks for (``--out x.safetensors`` from a ``.pt``), or the input's; a container safetensors cannot
+hold is refused by name before any work. Files are written through a temporary file in the same
+folder, fsync and rename, so a crash or Ctrl-C never leaves a half-written file (as timm's
+``_helpers`` does).
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import pickle
 import tempfile
-import zipfile
 from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,16 +29,20 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor, nn
 
+from bnfix.cli import prefixes, safetensors_io, torch_pickle
 from bnfix.errors import BnfixError
 from bnfix.layers import bn_layers, unwrap
 
 __all__ = [
     "STATE_DICT_KEYS",
+    "TORCH_SUFFIXES",
     "Checkpoint",
     "CheckpointError",
     "apply_state_dict",
     "atomic_write",
+    "check_writable",
     "load_checkpoint",
+    "output_format",
     "save_checkpoint",
 ]
 
@@ -49,58 +58,14 @@ STATE_DICT_KEYS = (
     "state_dict_ema",
 )
 
-#: Prefixes added by wrappers: DDP/DataParallel, torch.compile, Lightning's ``self.model``.
-PREFIXES = ("module.", "_orig_mod.", "model.")
+#: Names that ask for a torch pickle when ``--out`` changes the extension (``.bin``: Hugging Face).
+TORCH_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".tar")
 
 _BN_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
-
-_TORCHSCRIPT_MESSAGE = (
-    "{path} is a TorchScript archive, which bnfix cannot recalibrate: scripted BatchNorm runs no "
-    "Python hooks and bakes its momentum in as a constant, so exact statistics are impossible. "
-    "Recalibrate the source model's checkpoint, then script it"
-)
 
 
 class CheckpointError(BnfixError):
     """The file is not a checkpoint bnfix can use (corrupt, TorchScript, unsafe, ambiguous...)."""
-
-
-def _safe_globals() -> list[Any]:
-    """Plain data types allowed in ``weights_only`` loads besides torch's own."""
-    allowed: list[Any] = [argparse.Namespace]
-    try:
-        import numpy as np
-    except ImportError:  # pragma: no cover - numpy is a dependency
-        return allowed
-    allowed += [np.ndarray, np.dtype]
-    allowed += [
-        cls
-        for cls in vars(getattr(np, "dtypes", object)).values()
-        if isinstance(cls, type) and issubclass(cls, np.dtype)
-    ]
-    # numpy 2 moved numpy.core to numpy._core (the old name still imports, with a warning)
-    multiarray = getattr(np, "_core", None) or np.core
-    multiarray = multiarray.multiarray
-    for name in ("_reconstruct", "scalar"):  # pickled under numpy.core (1.x) or numpy._core (2.x)
-        func = getattr(multiarray, name)
-        allowed += [
-            (func, f"numpy.core.multiarray.{name}"),
-            (func, f"numpy._core.multiarray.{name}"),
-        ]
-    return allowed
-
-
-def is_torchscript(path: Path) -> bool:
-    """A TorchScript archive is a zip file with a ``constants.pkl`` record."""
-    if not zipfile.is_zipfile(path):
-        return False
-    try:
-        with zipfile.ZipFile(path) as archive:
-            return any(
-                n == "constants.pkl" or n.endswith("/constants.pkl") for n in archive.namelist()
-            )
-    except (zipfile.BadZipFile, OSError):
-        return False
 
 
 def _is_state_dict(value: Any) -> bool:
@@ -119,19 +84,25 @@ class Checkpoint:
 
     Attributes:
         path: the file it came from.
-        container: the object ``torch.load`` returned; :func:`save_checkpoint` writes it back.
+        container: what the file holds (``torch.load``'s object, or the dict of a safetensors
+            file); :func:`save_checkpoint` writes it back.
         key: the entry of ``container`` holding the weights, None when the container is them.
         module: a pickled ``nn.Module`` found there (only with ``trust=True``), else None.
-        prefix: the wrapper prefix the weights' keys carry (set by :func:`apply_state_dict`).
-        weights_only: whether it was loaded with ``weights_only=True``.
+        format: "torch" (a pickle) or "safetensors".
+        metadata: a safetensors file's ``__metadata__`` (None for torch pickles, or when absent).
+        prefix: the prefix the model's keys carry (set by :func:`apply_state_dict`).
+        passengers: the state_dict's keys that are not the model's, written back untouched (set
+            by :func:`apply_state_dict`).
     """
 
     path: Path
     container: Any
     key: Optional[str]
     module: Optional[nn.Module]
+    format: str = "torch"
+    metadata: Optional[dict[str, str]] = None
     prefix: str = ""
-    weights_only: bool = True
+    passengers: tuple[str, ...] = ()
 
     @property
     def weights(self) -> Any:
@@ -142,24 +113,26 @@ class Checkpoint:
         """The weights as a state_dict (keys as stored, prefix included)."""
         return self.module.state_dict() if self.module is not None else self.weights
 
+    def to_dict(self) -> dict[str, Any]:
+        """Where the weights were found, for the JSON report."""
+        return {
+            "format": self.format,
+            "key": self.key,
+            "prefix": self.prefix,
+            "passengers": list(self.passengers),
+        }
 
-def _load(path: Path, trust: bool) -> Any:
-    if trust:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    with torch.serialization.safe_globals(_safe_globals()):
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as error:
-            try:
-                blocked = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-            except Exception:  # legacy (non-zip) format: only the error message names them
-                blocked = []
-            named = ", ".join(sorted(blocked)) if blocked else str(error).splitlines()[0]
-            raise CheckpointError(
-                f"{path} cannot be loaded with weights_only=True: it holds objects other than "
-                f"tensors and plain data ({named}). Loading them would run code from the file; "
-                "if you trust its source, pass --trust-checkpoint"
-            ) from error
+    def summary(self) -> str:
+        """One line on the prefix and the passengers; "" when there is nothing unusual to say."""
+        if not self.prefix and not self.passengers:
+            return ""
+        where = f"model weights under prefix {self.prefix!r}" if self.prefix else "model weights"
+        if not self.passengers:
+            return where
+        names = ", ".join(self.passengers[:5])
+        more = f" and {len(self.passengers) - 5} more" if len(self.passengers) > 5 else ""
+        count = len(self.passengers)
+        return f"{where}; {count} other entr{'y' if count == 1 else 'ies'} carried unchanged: {names}{more}"
 
 
 def load_checkpoint(
@@ -168,11 +141,12 @@ def load_checkpoint(
     """Load ``path`` and find the weights in it.
 
     Args:
-        path: a file written by ``torch.save``.
+        path: a file written by ``torch.save``, or a ``.safetensors`` file (recognized by its
+            name or its first bytes).
         key: the entry holding the weights; default: the file is a state_dict, or exactly one of
             :data:`STATE_DICT_KEYS` holds one.
-        trust: load with ``weights_only=False`` (runs code from the file: trusted files only);
-            needed for a pickled ``nn.Module``.
+        trust: load a torch pickle with ``weights_only=False`` (runs code from the file: trusted
+            files only); needed for a pickled ``nn.Module``.
 
     Raises:
         FileNotFoundError: no such file.
@@ -184,31 +158,60 @@ def load_checkpoint(
         raise FileNotFoundError(f"Checkpoint {path} does not exist")
     if not path.is_file():
         raise CheckpointError(f"Expected the checkpoint {path} to be a file, but it is a folder")
-    if is_torchscript(path):
-        raise CheckpointError(_TORCHSCRIPT_MESSAGE.format(path=path))
+    if safetensors_io.is_safetensors(path):
+        try:
+            tensors, metadata = safetensors_io.read(path)
+        except Exception as error:  # safetensors raises its own SafetensorError, OSError...
+            raise CheckpointError(
+                f"{path} is not a readable safetensors file (truncated or corrupt?): "
+                f"{type(error).__name__}: {_first_line(error)}"
+            ) from error
+        found = _find_weights(path, tensors, key)
+        return Checkpoint(path, tensors, *found, format="safetensors", metadata=metadata)
+    if torch_pickle.is_torchscript(path):
+        raise CheckpointError(torch_pickle.TORCHSCRIPT_MESSAGE.format(path=path))
     try:
-        container = _load(path, trust)
-    except CheckpointError:
-        raise
+        container = torch_pickle.load(path, trust=trust)
+    except pickle.UnpicklingError as error:
+        if trust:
+            raise CheckpointError(
+                f"{path} is not a readable PyTorch checkpoint: {_first_line(error)}"
+            ) from error
+        raise CheckpointError(
+            f"{path} cannot be loaded with weights_only=True: it holds objects other than "
+            f"tensors and plain data ({torch_pickle.blocked_globals(path, error)}). Loading them "
+            "would run code from the file; if you trust its source, pass --trust-checkpoint"
+        ) from error
     except Exception as error:  # the unpickler raises anything on garbage: KeyError, EOFError...
-        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
         raise CheckpointError(
             f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?): "
-            f"{type(error).__name__}: {first}"
+            f"{type(error).__name__}: {_first_line(error)}"
         ) from error
-    return Checkpoint(path, container, *_find_weights(path, container, key), weights_only=not trust)
+    return Checkpoint(path, container, *_find_weights(path, container, key))
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else ""
 
 
 def _find_weights(
     path: Path, container: Any, key: Optional[str]
 ) -> tuple[Optional[str], Optional[nn.Module]]:
     if isinstance(container, torch.jit.ScriptModule):
-        raise CheckpointError(_TORCHSCRIPT_MESSAGE.format(path=path))
+        raise CheckpointError(torch_pickle.TORCHSCRIPT_MESSAGE.format(path=path))
     if key is not None:
         if not isinstance(container, Mapping) or key not in container:
-            keys = list(container) if isinstance(container, Mapping) else []
+            keys = [str(k) for k in container] if isinstance(container, Mapping) else []
+            shown = ", ".join(keys[:10]) + (f" and {len(keys) - 10} more" if len(keys) > 10 else "")
             raise CheckpointError(
-                f"Expected --key {key!r} in {path}, but its top-level keys are {keys or '(none: not a dict)'}"
+                f"Expected --key {key!r} in {path}, but its top-level keys are "
+                f"{shown or '(none: not a dict)'}"
+                + (
+                    "; a flat state_dict has no --key (see --prefix)"
+                    if _is_state_dict(container)
+                    else ""
+                )
             )
         value = container[key]
         if isinstance(value, nn.Module):
@@ -245,61 +248,58 @@ def _find_weights(
     )
 
 
-def _strip(keys: list[str], prefix: str) -> list[str]:
-    return [k[len(prefix) :] for k in keys]
+def apply_state_dict(
+    model: nn.Module, checkpoint: Checkpoint, *, prefix: Optional[str] = None
+) -> None:
+    """Load ``checkpoint``'s weights into ``model`` strictly, from under the prefix they carry.
 
+    Every key of the model must be in the checkpoint under one prefix, shape-checked; the
+    checkpoint's other entries become passengers (listed in ``checkpoint.passengers`` and written
+    back untouched). Extra entries are common: a LightningModule's loss weights, a teacher copy.
 
-def _prefix_candidates(keys: list[str]) -> list[str]:
-    """'' and every chain of wrapper prefixes that all keys share ("module._orig_mod." ...)."""
-    candidates, current = [""], ""
-    while True:
-        step = next((p for p in PREFIXES if all(k.startswith(current + p) for k in keys)), None)
-        if step is None:
-            return candidates
-        current += step
-        candidates.append(current)
-
-
-def apply_state_dict(model: nn.Module, checkpoint: Checkpoint) -> None:
-    """Load ``checkpoint``'s weights into ``model`` strictly, stripping wrapper prefixes that help.
+    Args:
+        model: the freshly built model.
+        checkpoint: its checkpoint; gets ``prefix`` and ``passengers`` set.
+        prefix: the prefix to use (``--prefix``; a trailing "." is added); default: the one
+            prefix under which the model fits (see :mod:`bnfix.cli.prefixes`).
 
     Raises:
-        CheckpointError: missing or unexpected keys, or shape conflicts, named.
+        CheckpointError: no prefix fits (the closest one's missing keys and shape conflicts are
+            named, with every prefix tried), or several do (named: choose with ``--prefix``).
     """
     state = checkpoint.state_dict()
-    keys = list(state)
     target = unwrap(model).state_dict()
-    expected = set(target)
-    prefix = max(_prefix_candidates(keys), key=lambda p: len(expected & set(_strip(keys, p))))
-    stripped = {k[len(prefix) :]: v for k, v in state.items()}
-    missing = [k for k in target if k not in stripped and not k.endswith("num_batches_tracked")]
-    unexpected = [k for k in stripped if k not in expected]
-    conflicts = [
-        f"{k} (checkpoint {list(v.shape)}, model {list(target[k].shape)})"
-        for k, v in stripped.items()
-        if k in target and isinstance(v, Tensor) and v.shape != target[k].shape
-    ]
-    problems = []
-    for label, items in (
-        ("missing", missing),
-        ("unexpected", unexpected),
-        ("shape conflicts", conflicts),
-    ):
-        if items:
-            shown = ", ".join(items[:3]) + (f" and {len(items) - 3} more" if len(items) > 3 else "")
-            problems.append(f"{label}: {shown}")
-    if problems:
+    if prefix is not None:
+        tried = [prefix if not prefix or prefix.endswith(".") else prefix + "."]
+    else:
+        tried = prefixes.candidates(target, state)
+    matches = [prefixes.match(target, state, p) for p in tried]
+    fitting = [m.prefix for m in matches if m.fits]
+    if len(fitting) > 1:
         raise CheckpointError(
-            f"The checkpoint {checkpoint.path} does not match the model ({'; '.join(problems)}); "
-            "check --arch/--model and --num-classes/--model-kwargs"
+            f"The model's weights fit under several prefixes of {checkpoint.path} "
+            f"({', '.join(map(repr, fitting))}); choose one with --prefix"
         )
+    if not fitting:
+        closest = min(matches, key=lambda m: len(m.missing) + len(m.conflicts))
+        shown = ", ".join(map(repr, tried[:5])) + (
+            f" and {len(tried) - 5} more" if len(tried) > 5 else ""
+        )
+        raise CheckpointError(
+            f"The checkpoint {checkpoint.path} does not match the model ({closest.problems()} "
+            f"under prefix {closest.prefix!r}; prefixes tried: {shown}); check --arch/--model, "
+            "--num-classes/--model-kwargs and --prefix"
+        )
+    chosen = fitting[0]
+    weights = {key: state[chosen + key] for key in target if chosen + key in state}
     try:
-        unwrap(model).load_state_dict(stripped, strict=True)
+        unwrap(model).load_state_dict(weights, strict=True)
     except RuntimeError as error:
         raise CheckpointError(
-            f"The checkpoint {checkpoint.path} does not load into the model: {str(error).splitlines()[0]}"
+            f"The checkpoint {checkpoint.path} does not load into the model: {_first_line(error)}"
         ) from error
-    checkpoint.prefix = prefix
+    checkpoint.prefix = chosen
+    checkpoint.passengers = tuple(prefixes.passengers(target, state, chosen))
 
 
 def _replace_bn_buffers(model: nn.Module, checkpoint: Checkpoint) -> None:
@@ -351,12 +351,61 @@ def atomic_write(path: Path, write: Callable[[Any], None]) -> None:
         pass
 
 
+def output_format(checkpoint: Checkpoint, out: os.PathLike[str] | str) -> str:
+    """The format ``out`` is written in: the one its extension names, else the input's.
+
+    An extension the input shares keeps the input's format (a safetensors file named ``.bin``
+    stays one); ``.safetensors`` asks for safetensors, :data:`TORCH_SUFFIXES` for a torch pickle.
+    """
+    suffix = Path(out).suffix.lower()
+    if suffix == checkpoint.path.suffix.lower():
+        return checkpoint.format
+    if suffix == safetensors_io.SUFFIX:
+        return "safetensors"
+    return "torch" if suffix in TORCH_SUFFIXES else checkpoint.format
+
+
+def check_writable(checkpoint: Checkpoint, out: os.PathLike[str] | str) -> None:
+    """Refuse, before any work, a checkpoint that ``out``'s format cannot hold.
+
+    Raises:
+        CheckpointError: ``out`` is safetensors and the checkpoint holds more than a flat dict of
+            tensors (an epoch, an optimizer state, nested dicts, a pickled module); the entries
+            that cannot be stored are named.
+    """
+    if output_format(checkpoint, out) != "safetensors":
+        return
+    problems = safetensors_io.unstorable(checkpoint.container)
+    if problems:
+        shown = ", ".join(problems[:10]) + (
+            f" and {len(problems) - 10} more" if len(problems) > 10 else ""
+        )
+        raise CheckpointError(
+            f"Cannot write {out} as safetensors, which holds only a flat dict of tensors and string "
+            f"metadata: {checkpoint.path} also holds {shown}. Write a torch checkpoint instead "
+            "(--out with .pt, .pth or .ckpt)"
+        )
+
+
 def save_checkpoint(model: nn.Module, checkpoint: Checkpoint, out: os.PathLike[str] | str) -> None:
     """Write ``checkpoint``'s container to ``out`` with ``model``'s BatchNorm buffers.
 
-    Everything else (optimizer state, epoch, extra keys, key prefixes, dtypes) is written as
-    loaded. A pickled module is written as the module (already holding the new buffers).
+    Everything else (optimizer state, epoch, extra keys, passengers, key prefixes, dtypes,
+    safetensors metadata) is written as loaded. A pickled module is written as the module
+    (already holding the new buffers). A torch checkpoint written as safetensors gets the metadata
+    ``{"format": "pt"}``, as ``safetensors.torch.save_model`` and Hugging Face write it.
+
+    Raises:
+        CheckpointError: see :func:`check_writable`; nothing is written.
     """
+    check_writable(checkpoint, out)
     if checkpoint.module is None:
         _replace_bn_buffers(model, checkpoint)
-    atomic_write(Path(out), lambda f: torch.save(checkpoint.container, f))
+    if output_format(checkpoint, out) == "safetensors":
+        metadata = checkpoint.metadata
+        if checkpoint.format != "safetensors":
+            metadata = safetensors_io.DEFAULT_METADATA
+        data = safetensors_io.dumps(checkpoint.container, metadata)
+        atomic_write(Path(out), lambda f: f.write(data))
+    else:
+        atomic_write(Path(out), lambda f: torch.save(checkpoint.container, f))

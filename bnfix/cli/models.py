@@ -116,7 +116,7 @@ def load_model(args: argparse.Namespace, device: torch.device) -> tuple[nn.Modul
                 f"{args.checkpoint} holds only weights; pass --arch NAME (a torchvision model) or --model MODULE:FN to build the model"
             )
         model = build_model(args)
-        apply_state_dict(model, checkpoint)
+        apply_state_dict(model, checkpoint, prefix=args.prefix)
     if not bn_layers(model):
         fail(
             f"The model in {args.checkpoint} has no BatchNorm layer that tracks running statistics; nothing to recalibrate"

@@ -40,7 +40,7 @@ from bnfix.cli.arguments import (
     program_parser,
     recalibrate_parser,
 )
-from bnfix.cli.checkpoint import Checkpoint, atomic_write, save_checkpoint
+from bnfix.cli.checkpoint import Checkpoint, atomic_write, check_writable, save_checkpoint
 from bnfix.cli.data import DataInfo
 from bnfix.cli.models import load_model, load_other_model
 from bnfix.cli.session import (
@@ -98,6 +98,7 @@ def run_recalibrate(args: argparse.Namespace) -> int:
 
         def setup() -> tuple[Any, ...]:
             model, checkpoint = load_model(args, device)
+            check_writable(checkpoint, out)
             select_layers(model, args.layers)
             calib, calib_info = build_calib_loader(args, dist)
             val, val_info = build_val_loader(args) if dist.rank == 0 else (None, None)
@@ -136,6 +137,8 @@ def _finish(
 ) -> int:
     say = (lambda text: None) if args.quiet else print
     say(str(comparison) if comparison is not None else str(report))
+    if checkpoint.summary():
+        say(checkpoint.summary())
     for info in infos:
         if info is not None and info.unreadable:
             say(f"skipped {info.unreadable} unreadable image(s) in {info.path}")
@@ -150,7 +153,7 @@ def _finish(
         try:
             save_checkpoint(model, checkpoint, out)
             if report_path is not None:
-                data = _report_json(args, out, written, report, comparison, infos)
+                data = _report_json(args, checkpoint, out, written, report, comparison, infos)
                 atomic_write(report_path, lambda f: f.write(data.encode()))
         except OSError as error:
             fail(f"Cannot write {error.filename or out}: {error.strerror or error}")
@@ -167,6 +170,7 @@ def _finish(
 
 def _report_json(
     args: argparse.Namespace,
+    checkpoint: Checkpoint,
     out: Path,
     written: bool,
     report: Report,
@@ -176,6 +180,7 @@ def _report_json(
     data = {
         "bnfix": bnfix.__version__,
         "checkpoint": str(args.checkpoint),
+        "weights": checkpoint.to_dict(),
         "output": str(out) if written else None,
         "data": {name: vars(info) if info else None for name, info in zip(("calib", "val"), infos)},
         "comparison": comparison.to_dict() if comparison is not None else None,
