@@ -526,7 +526,7 @@ def test_internal_error_exit_1(
     def boom(*args: Any, **kwargs: Any) -> Any:
         raise RuntimeError("boom")
 
-    monkeypatch.setattr("bnfix.cli.program.calibrate", boom)
+    monkeypatch.setattr("bnfix.cli.recalibrate.calibrate", boom)
     ckpt = _save(tmp_path / "m.pt", resnet_state())
     argv = ("recalibrate", ckpt, *MODEL, "--calib", data["npz"])
     code, _, err = run_cli(*argv)
@@ -547,7 +547,7 @@ def test_ctrl_c_leaves_no_partial_file(
         def interrupted(*args: Any, **kwargs: Any) -> Any:
             raise KeyboardInterrupt
 
-        monkeypatch.setattr("bnfix.cli.program.calibrate", interrupted)
+        monkeypatch.setattr("bnfix.cli.recalibrate.calibrate", interrupted)
     else:
         real_save = torch.save
 
@@ -658,7 +658,7 @@ def test_num_batches_auto_with_tol(tmp_path: Path, monkeypatch: pytest.MonkeyPat
         seen.append(plan.auto)
         return real(model, loader, plan)
 
-    monkeypatch.setattr("bnfix.cli.program.calibrate", spy)
+    monkeypatch.setattr("bnfix.cli.recalibrate.calibrate", spy)
     assert samples("--num-batches", "auto") == expected
     assert seen == [default]
     for extra, pattern in (
