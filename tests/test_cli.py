@@ -19,12 +19,12 @@ from cli_fixtures import (
     REPO,
     TinyNet,
     arrays,
-    corrupt_bn,
     image_tree,
     listing,
     resnet_state,
     run_cli,
 )
+from conftest import randomize_bn
 
 import bnfix
 from bnfix.cli.data import ImageOptions, load_data, make_loader
@@ -33,11 +33,6 @@ GOLDEN = Path(__file__).parent / "golden"
 MODEL = ("--arch", "resnet18", "--num-classes", "10")
 IMAGES = ("--image-size", "32", "--batch-size", "8", "--workers", "0")
 BN_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> None:
-    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")
@@ -175,6 +170,7 @@ def test_golden_table(e2e: dict[str, Any]) -> None:
     if os.environ.get("BNFIX_REGEN_GOLDEN") == "1":
         golden.parent.mkdir(exist_ok=True)
         golden.write_text(actual)
+        pytest.fail(f"regenerated {golden}; check its diff, then rerun without BNFIX_REGEN_GOLDEN")
     assert actual == golden.read_text()
     for row in (
         "top-1",
@@ -253,7 +249,7 @@ def test_model_from_a_file_and_tensor_val(tmp_path: Path) -> None:
         "                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, num_classes))\n"
     )
     torch.manual_seed(0)
-    _save(tmp_path / "tiny.pt", corrupt_bn(TinyNet(num_classes=5)).state_dict())
+    _save(tmp_path / "tiny.pt", randomize_bn(TinyNet(num_classes=5)).state_dict())
     arrays(tmp_path / "val.npz", n=12, classes=5, size=8)
     code, out, err = run_cli(
         "recalibrate", tmp_path / "tiny.pt", "--model", f"{tmp_path / 'net.py'}:build",
@@ -266,7 +262,7 @@ def test_model_from_a_file_and_tensor_val(tmp_path: Path) -> None:
 
 def test_pickled_module_with_trust(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    _save(tmp_path / "whole.pt", {"model": corrupt_bn(TinyNet()), "epoch": 2})
+    _save(tmp_path / "whole.pt", {"model": randomize_bn(TinyNet()), "epoch": 2})
     calib = arrays(tmp_path / "c.npz", n=10, size=8, classes=None)
     code, _, err = run_cli(
         "recalibrate", tmp_path / "whole.pt", "--calib", calib, "--batch-size", "5"
@@ -570,6 +566,7 @@ def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 
 
+@pytest.mark.slow
 def test_python_m_bnfix_subprocess(tmp_path: Path, data: dict[str, Path]) -> None:
     ckpt = _save(tmp_path / "m.pt", resnet_state())
     result = subprocess.run(
@@ -588,6 +585,7 @@ def test_python_m_bnfix_subprocess(tmp_path: Path, data: dict[str, Path]) -> Non
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and bad.stdout == ""
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_merge_exactly(tmp_path: Path, data: dict[str, Path]) -> None:
     ckpt = _save(tmp_path / "m.pt", {"model": resnet_state(), "epoch": 1})
     result = subprocess.run(
@@ -633,7 +631,7 @@ def test_num_batches_auto_with_tol(tmp_path: Path, monkeypatch: pytest.MonkeyPat
         "                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 4))\n"
     )
     torch.manual_seed(0)
-    _save(tmp_path / "tiny.pt", corrupt_bn(TinyNet()).state_dict())
+    _save(tmp_path / "tiny.pt", randomize_bn(TinyNet()).state_dict())
     calib = arrays(tmp_path / "c.npz", n=40, size=8, classes=None)
     base = ("recalibrate", tmp_path / "tiny.pt", "--model", f"{tmp_path / 'net.py'}:build",
             "--calib", calib, "--batch-size", "4", "--dry-run")  # fmt: skip

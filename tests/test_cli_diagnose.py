@@ -11,7 +11,8 @@ from typing import Any
 
 import pytest
 import torch
-from cli_fixtures import arrays, corrupt_bn, listing, run_cli
+from cli_fixtures import arrays, listing, run_cli
+from conftest import randomize_bn
 from torch import nn
 
 STATISTICS_CAUSES = {"statistics_mismatch", "stale_statistics", "distribution_shift"}
@@ -27,11 +28,6 @@ def build(num_classes=4):
 """
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> None:
-    torch.set_num_threads(1)
-
-
 @pytest.fixture(scope="module")
 def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """A checkpoint whose BN statistics are polluted, its model file, labelled data."""
@@ -40,7 +36,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     namespace: dict[str, Any] = {}
     exec(NET, namespace)
     torch.manual_seed(0)
-    model: nn.Module = corrupt_bn(namespace["build"]())
+    model: nn.Module = randomize_bn(namespace["build"]())
     torch.save({"state_dict": model.state_dict(), "epoch": 5}, root / "model.pt")
     return {
         "root": root,

@@ -71,8 +71,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         metavar="N",
         type=int,
         nargs="+",
-        help="--val labels that are not classes, left out of accuracy and loss (default: -100, "
-        "and 255 for per-pixel labels)",
+        help="--val labels to leave out of accuracy and loss, replacing the defaults (-100, and 255 "
+        "for per-pixel labels)",
     )
     group = parser.add_argument_group("method")
     group.add_argument(
