@@ -672,3 +672,97 @@ def test_num_batches_auto_with_tol(tmp_path: Path, monkeypatch: pytest.MonkeyPat
         assert code == 2 and out == "" and re.search(pattern, _one_line(err)), err
     code, out, _ = run_cli("recalibrate", "--help")
     assert "--tol FLOAT" in out and f"(default: {default})" in out
+
+
+# --- --ignore-index, small images ------------------------------------------------------------
+
+TINY = (
+    "from cli_fixtures import TinyNet\ndef build(num_classes=4):\n    return TinyNet(num_classes)\n"
+)
+
+
+def _tiny_checkpoint(tmp: Path) -> tuple[Path, str]:
+    (tmp / "tiny.py").write_text(TINY)
+    torch.manual_seed(0)
+    return _save(tmp / "tiny.pt", randomize_bn(TinyNet()).state_dict()), f"{tmp / 'tiny.py'}:build"
+
+
+def _void_labels(path: Path, n: int = 24) -> Path:
+    """A .npz of 8x8 images whose labels are 0..3, and 255 ("void") on every third sample."""
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 4, n)
+    y[::3] = 255
+    np.savez(path, x=rng.normal(0.5, 1.0, (n, 3, 8, 8)).astype(np.float32), y=y)
+    return path
+
+
+class _Stop(bnfix.BnfixError):
+    pass
+
+
+def test_ignore_index_is_passed_to_compare_planned(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ckpt, spec = _tiny_checkpoint(tmp_path)
+    calib = arrays(tmp_path / "c.npz", n=12, size=8, classes=None)
+    base = ("recalibrate", ckpt, "--model", spec, "--calib", calib, "--batch-size", "4",
+            "--dry-run", "--val", _void_labels(tmp_path / "val.npz"))  # fmt: skip
+    code, out, err = run_cli(*base)
+    assert code == 2 and out == ""
+    assert re.search(r"has 256 classes but the model has 4 outputs.*--ignore-index", _one_line(err))
+    seen: list[dict[str, Any]] = []
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        seen.append(kwargs)
+        raise _Stop("stopped by the test")
+
+    monkeypatch.setattr("bnfix.cli.recalibrate.compare_planned", spy)
+    code, _, err = run_cli(*base, "--ignore-index", "255", "-100")
+    assert code == 2 and "stopped by the test" in err
+    assert seen == [{"ignore_index": (255, -100)}]
+    code, _, err = run_cli(*base[:-1], arrays(tmp_path / "v.npz", n=8, size=8, classes=4))
+    assert seen[1:] == [{}]  # not given: the library's default
+    code, _, err = run_cli(*base[:-2], "--ignore-index", "255")
+    assert code == 2 and "--ignore-index names --val labels" in _one_line(err)
+
+
+@pytest.mark.skipif(
+    "ignore_index" not in inspect.signature(bnfix.evaluation.compare_planned).parameters,
+    reason="compare_planned takes ignore_index once the evaluation change is merged",
+)
+def test_ignore_index_leaves_void_labels_out_of_top1(tmp_path: Path) -> None:
+    ckpt, spec = _tiny_checkpoint(tmp_path)
+    val = _void_labels(tmp_path / "val.npz")
+    code, _, err = run_cli(
+        "recalibrate", ckpt, "--model", spec, "--calib", arrays(tmp_path / "c.npz", n=12, size=8),
+        "--val", val, "--batch-size", "4", "--ignore-index", "255", "--report", tmp_path / "r.json",
+    )  # fmt: skip
+    assert code == 0, err
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["ignore_index"] == [255]
+    x, y = (torch.from_numpy(a) for a in np.load(val).values())
+    kept = y != 255
+    for when, path in (("before", ckpt), ("after", tmp_path / "tiny.bnfix.pt")):
+        model = TinyNet().eval()
+        model.load_state_dict(torch.load(path, weights_only=True))
+        with torch.no_grad():
+            correct = (model(x).argmax(1) == y)[kept].double().mean().item()
+        assert report["comparison"][when]["top1"] == pytest.approx(correct, rel=1e-12), when
+
+
+def test_small_images_get_one_note_unless_image_size_is_given(
+    tmp_path: Path, data: dict[str, Path]
+) -> None:
+    ckpt, spec = _tiny_checkpoint(tmp_path)
+    base = ("recalibrate", ckpt, "--model", spec, "--calib", data["calib"], "--val", data["val"],
+            "--batch-size", "4", "--workers", "0", "--dry-run")  # fmt: skip
+    code, _, err = run_cli(*base)
+    assert code == 0, err
+    assert re.fullmatch(
+        r"bnfix: WARNING: --calib images such as \S+\.png are 40x36 pixels: they are upscaled to "
+        r"the default --image-size 224; pass --image-size .*",
+        _one_line(err),
+    )
+    for extra in (("--image-size", "32"), ("--quiet",)):
+        code, _, err = run_cli(*base, *extra)
+        assert (code, err) == (0, "")

@@ -120,12 +120,14 @@ def probe(
     val: Optional[DataInfo] = None,
     *,
     option: str = "--val",
+    val_loader: Any = None,
     ignore_index: Sequence[int] = (),
 ) -> None:
     """Run one sample through the model in eval mode: shape and label problems fail here, early.
 
-    ``val`` is the labelled data (named by ``option`` in the message), checked against the
-    number of outputs; labels in ``ignore_index`` (e.g. 255, "void") are not classes.
+    ``val`` is the labelled data (named by ``option`` in the message; ``val_loader``, or
+    ``loader`` itself), checked against the number of outputs; labels in ``ignore_index`` (e.g.
+    255, "void") are not classes.
     """
     sample = loader.dataset[0]
     x = sample[0] if isinstance(sample, tuple) else sample
@@ -140,7 +142,8 @@ def probe(
     scores = isinstance(out, torch.Tensor) and out.dim() == 2 and out.shape[1] >= 2
     if val is None or not val.labelled or not scores:
         return
-    classes = _classes(loader, ignore_index, val.classes) if ignore_index else val.classes
+    labelled = loader if val_loader is None else val_loader
+    classes = _classes(labelled, ignore_index, val.classes) if ignore_index else val.classes
     if classes > out.shape[1]:
         fail(
             f"{option} {val.path} has {classes} classes but the model has {out.shape[1]} outputs; "

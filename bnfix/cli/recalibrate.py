@@ -205,7 +205,7 @@ def _load(args: argparse.Namespace, device: torch.device, dist: Dist) -> Inputs:
         fail(
             f"--only-if-better needs labels, but --val {args.val} has none (use class subfolders or y)"
         )
-    probe(model, calib, device, val_info, ignore_index=args.ignore_index or ())
+    probe(model, calib, device, val_info, val_loader=val, ignore_index=args.ignore_index or ())
     if dist.rank == 0:
         note = small_images_note(args, calib, "--calib") or small_images_note(args, val, "--val")
         if note:
