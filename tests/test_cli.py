@@ -766,3 +766,17 @@ def test_small_images_get_one_note_unless_image_size_is_given(
     for extra in (("--image-size", "32"), ("--quiet",)):
         code, _, err = run_cli(*base, *extra)
         assert (code, err) == (0, "")
+
+
+def test_first_line_of_an_error() -> None:
+    from bnfix.cli.errors import first_line
+
+    worker = RuntimeError(
+        "Caught ValueError in DataLoader worker process 0.\nOriginal Traceback (most recent call "
+        'last):\n  File "x.py", line 1, in f\nValueError: bad   pixel\n'
+    )
+    assert first_line(worker) == "bad pixel"
+    assert first_line(RuntimeError("Error(s) in loading:\n\tMissing key(s): a")) == (
+        "Error(s) in loading:"
+    )
+    assert first_line(KeyError()) == "KeyError" and first_line(OSError("  \n")) == "OSError"

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -14,6 +16,9 @@ import torch
 from cli_fixtures import arrays, listing, run_cli
 from conftest import randomize_bn
 from torch import nn
+
+from bnfix.cli.errors import INTERRUPTED
+from bnfix.diagnosis.result import Diagnosis
 
 STATISTICS_CAUSES = {"statistics_mismatch", "stale_statistics", "distribution_shift"}
 
@@ -163,3 +168,25 @@ def test_help() -> None:
     for option in ("--calib", "--reference", "--report", "--plot", "--compare-to", "--num-batches"):
         assert option in out, option
     assert "--val" not in out and "--out" not in out
+
+
+def test_ctrl_c_while_plotting(
+    files: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("matplotlib")
+    real = Diagnosis.plot
+
+    def plot_with_sigint(self: Diagnosis, path: Any, **kwargs: Any) -> None:
+        os.kill(os.getpid(), signal.SIGINT)
+        real(self, path, **kwargs)
+
+    monkeypatch.setattr(Diagnosis, "plot", plot_with_sigint)
+    plot, report = tmp_path / "drift.png", tmp_path / "d.json"
+    # Nothing in place yet: Ctrl-C stops the command and leaves no file, not even a partial one.
+    code, _, err = run_cli(*_base(files), "--plot", plot)
+    assert (code, err.strip()) == (130, INTERRUPTED) and list(tmp_path.iterdir()) == []
+    # The report is in place first: the plot is finished too, and the command succeeds.
+    code, out, err = run_cli(*_base(files), "--report", report, "--plot", plot)
+    assert code == 0 and f"plot: {plot}" in out and "finished writing" in err
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and json.loads(report.read_text())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.json", "drift.png"]
