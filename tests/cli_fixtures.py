@@ -22,6 +22,9 @@ from bnfix.cli import main
 
 REPO = Path(__file__).resolve().parent.parent
 
+#: The name the checkpoint tests use for conftest's ``randomize_bn`` (one implementation).
+corrupt_bn = randomize_bn
+
 _RESNET: dict[int, dict[str, torch.Tensor]] = {}
 
 
