@@ -145,9 +145,10 @@ def probe(
     labelled = loader if val_loader is None else val_loader
     classes = _classes(labelled, ignore_index, val.classes) if ignore_index else val.classes
     if classes > out.shape[1]:
+        void = option == "--val" and not ignore_index  # recalibrate's --val takes --ignore-index
         fail(
             f"{option} {val.path} has {classes} classes but the model has {out.shape[1]} outputs; "
-            "check --num-classes" + ("" if ignore_index else " (or pass --ignore-index)")
+            "check --num-classes" + (" (or --ignore-index for labels like 255)" if void else "")
         )
 
 

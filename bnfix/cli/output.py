@@ -19,6 +19,7 @@ import os
 import signal
 import sys
 import tempfile
+import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,15 +104,19 @@ def _identity(path: Path) -> Optional[tuple[int, int, int]]:
 def writes() -> Iterator[Writes]:
     """Write a command's files (with :meth:`Writes.file`), Ctrl-C handled as the module says."""
     files = Writes()
-    try:
-        previous = signal.signal(signal.SIGINT, files._on_interrupt)
-    except ValueError:  # not the main thread, where no KeyboardInterrupt arrives anyway
-        previous = files._on_interrupt
+    # Only over Python's own handler, in the main thread: an application that set its own (or
+    # ignores SIGINT) keeps it.
+    ours = (
+        threading.current_thread() is threading.main_thread()
+        and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    )
+    if ours:
+        signal.signal(signal.SIGINT, files._on_interrupt)
     try:
         yield files
     finally:
-        if previous is not files._on_interrupt:
-            signal.signal(signal.SIGINT, previous or signal.default_int_handler)
+        if ours:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
     if files.held_back:
         print("bnfix: Ctrl-C came after the output was in place; finished writing", file=sys.stderr)
 
