@@ -11,13 +11,19 @@ The public surface::
 
 from __future__ import annotations
 
-from bnfix.calibration import recalibrate
-from bnfix.diagnosis.measure import diagnose
-from bnfix.diagnosis.result import Diagnosis, LayerDrift, Verdict
-from bnfix.errors import BnfixError, BnfixWarning
-from bnfix.evaluation import compare, evaluate
-from bnfix.layers import bn_layers
-from bnfix.report import Comparison, Evaluation, LayerReport, Report
+try:
+    from bnfix.calibration import recalibrate
+    from bnfix.diagnosis.measure import diagnose
+    from bnfix.diagnosis.result import Diagnosis, LayerDrift, Verdict
+    from bnfix.errors import BnfixError, BnfixWarning
+    from bnfix.evaluation import compare, evaluate
+    from bnfix.layers import bn_layers
+    from bnfix.report import Comparison, Evaluation, LayerReport, Report
+except KeyboardInterrupt:  # Ctrl-C while `python -m bnfix` imports torch: one line, exit 130
+    from bnfix.cli.errors import exit_if_starting
+
+    exit_if_starting()
+    raise
 
 __version__ = "0.1.0"
 

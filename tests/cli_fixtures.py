@@ -1,6 +1,7 @@
 """Helpers for the CLI, checkpoint and data tests: small models, checkpoints, image trees, arrays.
 
-Imported explicitly by the test modules (the shared ``conftest.py`` belongs to the library tests).
+Imported explicitly by the test modules; stale BN statistics come from ``conftest.randomize_bn``,
+the library tests' own.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 import torchvision
+from conftest import randomize_bn
 from PIL import Image
 from torch import nn
 
@@ -20,27 +22,15 @@ from bnfix.cli import main
 
 REPO = Path(__file__).resolve().parent.parent
 
+
 _RESNET: dict[int, dict[str, torch.Tensor]] = {}
 
 
-def corrupt_bn(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Give every BN layer wildly wrong running statistics (what a stale checkpoint looks like)."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                mean, var = module.running_mean, module.running_var
-                mean.copy_(torch.randn(mean.shape, generator=generator) * 3)
-                var.copy_(torch.rand(var.shape, generator=generator) * 20 + 0.01)
-                module.num_batches_tracked.fill_(7)
-    return model
-
-
 def resnet_state(seed: int = 0) -> dict[str, torch.Tensor]:
-    """A torchvision resnet18(num_classes=10) state_dict with corrupted BN stats (cached; cloned)."""
+    """A torchvision resnet18(num_classes=10) state_dict with stale BN statistics (cached; cloned)."""
     if seed not in _RESNET:
         torch.manual_seed(seed)
-        _RESNET[seed] = corrupt_bn(torchvision.models.resnet18(num_classes=10), seed).state_dict()
+        _RESNET[seed] = randomize_bn(torchvision.models.resnet18(num_classes=10), seed).state_dict()
     return {k: v.clone() for k, v in _RESNET[seed].items()}
 
 

@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from cli_fixtures import TinyNet, corrupt_bn
+from cli_fixtures import TinyNet
+from conftest import randomize_bn
 from torch import nn
 
 from bnfix.cli.checkpoint import (
@@ -35,7 +36,7 @@ def _one_thread() -> None:
 
 def tiny_state(seed: int = 0) -> OrderedDict[str, torch.Tensor]:
     torch.manual_seed(seed)
-    return corrupt_bn(TinyNet(), seed).state_dict()
+    return randomize_bn(TinyNet(), seed).state_dict()
 
 
 def fixed(model: nn.Module) -> None:
@@ -141,7 +142,7 @@ def test_unsafe_globals_are_named_and_need_trust(tmp_path: Path) -> None:
 
 
 def test_pickled_module_needs_trust_and_is_written_back_as_a_module(tmp_path: Path) -> None:
-    model = corrupt_bn(TinyNet())
+    model = randomize_bn(TinyNet())
     torch.save(model, tmp_path / "c.pt")
     with pytest.raises(CheckpointError, match="--trust-checkpoint"):
         load_checkpoint(tmp_path / "c.pt")

@@ -19,12 +19,12 @@ from cli_fixtures import (
     REPO,
     TinyNet,
     arrays,
-    corrupt_bn,
     image_tree,
     listing,
     resnet_state,
     run_cli,
 )
+from conftest import randomize_bn
 
 import bnfix
 from bnfix.cli.data import ImageOptions, load_data, make_loader
@@ -33,11 +33,6 @@ GOLDEN = Path(__file__).parent / "golden"
 MODEL = ("--arch", "resnet18", "--num-classes", "10")
 IMAGES = ("--image-size", "32", "--batch-size", "8", "--workers", "0")
 BN_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> None:
-    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")
@@ -175,6 +170,7 @@ def test_golden_table(e2e: dict[str, Any]) -> None:
     if os.environ.get("BNFIX_REGEN_GOLDEN") == "1":
         golden.parent.mkdir(exist_ok=True)
         golden.write_text(actual)
+        pytest.fail(f"regenerated {golden}; check its diff, then rerun without BNFIX_REGEN_GOLDEN")
     assert actual == golden.read_text()
     for row in (
         "top-1",
@@ -253,7 +249,7 @@ def test_model_from_a_file_and_tensor_val(tmp_path: Path) -> None:
         "                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, num_classes))\n"
     )
     torch.manual_seed(0)
-    _save(tmp_path / "tiny.pt", corrupt_bn(TinyNet(num_classes=5)).state_dict())
+    _save(tmp_path / "tiny.pt", randomize_bn(TinyNet(num_classes=5)).state_dict())
     arrays(tmp_path / "val.npz", n=12, classes=5, size=8)
     code, out, err = run_cli(
         "recalibrate", tmp_path / "tiny.pt", "--model", f"{tmp_path / 'net.py'}:build",
@@ -266,7 +262,7 @@ def test_model_from_a_file_and_tensor_val(tmp_path: Path) -> None:
 
 def test_pickled_module_with_trust(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    _save(tmp_path / "whole.pt", {"model": corrupt_bn(TinyNet()), "epoch": 2})
+    _save(tmp_path / "whole.pt", {"model": randomize_bn(TinyNet()), "epoch": 2})
     calib = arrays(tmp_path / "c.npz", n=10, size=8, classes=None)
     code, _, err = run_cli(
         "recalibrate", tmp_path / "whole.pt", "--calib", calib, "--batch-size", "5"
@@ -526,7 +522,7 @@ def test_internal_error_exit_1(
     def boom(*args: Any, **kwargs: Any) -> Any:
         raise RuntimeError("boom")
 
-    monkeypatch.setattr("bnfix.cli.program.calibrate", boom)
+    monkeypatch.setattr("bnfix.cli.recalibrate.calibrate", boom)
     ckpt = _save(tmp_path / "m.pt", resnet_state())
     argv = ("recalibrate", ckpt, *MODEL, "--calib", data["npz"])
     code, _, err = run_cli(*argv)
@@ -547,7 +543,7 @@ def test_ctrl_c_leaves_no_partial_file(
         def interrupted(*args: Any, **kwargs: Any) -> Any:
             raise KeyboardInterrupt
 
-        monkeypatch.setattr("bnfix.cli.program.calibrate", interrupted)
+        monkeypatch.setattr("bnfix.cli.recalibrate.calibrate", interrupted)
     else:
         real_save = torch.save
 
@@ -570,6 +566,7 @@ def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 
 
+@pytest.mark.slow
 def test_python_m_bnfix_subprocess(tmp_path: Path, data: dict[str, Path]) -> None:
     ckpt = _save(tmp_path / "m.pt", resnet_state())
     result = subprocess.run(
@@ -588,6 +585,7 @@ def test_python_m_bnfix_subprocess(tmp_path: Path, data: dict[str, Path]) -> Non
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and bad.stdout == ""
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_merge_exactly(tmp_path: Path, data: dict[str, Path]) -> None:
     ckpt = _save(tmp_path / "m.pt", {"model": resnet_state(), "epoch": 1})
     result = subprocess.run(
@@ -633,7 +631,7 @@ def test_num_batches_auto_with_tol(tmp_path: Path, monkeypatch: pytest.MonkeyPat
         "                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 4))\n"
     )
     torch.manual_seed(0)
-    _save(tmp_path / "tiny.pt", corrupt_bn(TinyNet()).state_dict())
+    _save(tmp_path / "tiny.pt", randomize_bn(TinyNet()).state_dict())
     calib = arrays(tmp_path / "c.npz", n=40, size=8, classes=None)
     base = ("recalibrate", tmp_path / "tiny.pt", "--model", f"{tmp_path / 'net.py'}:build",
             "--calib", calib, "--batch-size", "4", "--dry-run")  # fmt: skip
@@ -658,7 +656,7 @@ def test_num_batches_auto_with_tol(tmp_path: Path, monkeypatch: pytest.MonkeyPat
         seen.append(plan.auto)
         return real(model, loader, plan)
 
-    monkeypatch.setattr("bnfix.cli.program.calibrate", spy)
+    monkeypatch.setattr("bnfix.cli.recalibrate.calibrate", spy)
     assert samples("--num-batches", "auto") == expected
     assert seen == [default]
     for extra, pattern in (
@@ -674,3 +672,111 @@ def test_num_batches_auto_with_tol(tmp_path: Path, monkeypatch: pytest.MonkeyPat
         assert code == 2 and out == "" and re.search(pattern, _one_line(err)), err
     code, out, _ = run_cli("recalibrate", "--help")
     assert "--tol FLOAT" in out and f"(default: {default})" in out
+
+
+# --- --ignore-index, small images ------------------------------------------------------------
+
+TINY = (
+    "from cli_fixtures import TinyNet\ndef build(num_classes=4):\n    return TinyNet(num_classes)\n"
+)
+
+
+def _tiny_checkpoint(tmp: Path) -> tuple[Path, str]:
+    (tmp / "tiny.py").write_text(TINY)
+    torch.manual_seed(0)
+    return _save(tmp / "tiny.pt", randomize_bn(TinyNet()).state_dict()), f"{tmp / 'tiny.py'}:build"
+
+
+def _void_labels(path: Path, n: int = 24) -> Path:
+    """A .npz of 8x8 images whose labels are 0..3, and 255 ("void") on every third sample."""
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 4, n)
+    y[::3] = 255
+    np.savez(path, x=rng.normal(0.5, 1.0, (n, 3, 8, 8)).astype(np.float32), y=y)
+    return path
+
+
+class _Stop(bnfix.BnfixError):
+    pass
+
+
+def test_ignore_index_is_passed_to_compare_planned(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ckpt, spec = _tiny_checkpoint(tmp_path)
+    calib = arrays(tmp_path / "c.npz", n=12, size=8, classes=None)
+    base = ("recalibrate", ckpt, "--model", spec, "--calib", calib, "--batch-size", "4",
+            "--dry-run", "--val", _void_labels(tmp_path / "val.npz"))  # fmt: skip
+    code, out, err = run_cli(*base)
+    assert code == 2 and out == ""
+    assert re.search(r"has 256 classes but the model has 4 outputs.*--ignore-index", _one_line(err))
+    seen: list[dict[str, Any]] = []
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        seen.append(kwargs)
+        raise _Stop("stopped by the test")
+
+    monkeypatch.setattr("bnfix.cli.recalibrate.compare_planned", spy)
+    code, _, err = run_cli(*base, "--ignore-index", "255", "-100")
+    assert code == 2 and "stopped by the test" in err
+    assert seen == [{"ignore_index": (255, -100)}]
+    code, _, err = run_cli(*base[:-1], arrays(tmp_path / "v.npz", n=8, size=8, classes=4))
+    assert seen[1:] == [{}]  # not given: the library's default
+    code, _, err = run_cli(*base[:-2], "--ignore-index", "255")
+    assert code == 2 and "--ignore-index names --val labels" in _one_line(err)
+
+
+@pytest.mark.skipif(
+    "ignore_index" not in inspect.signature(bnfix.evaluation.compare_planned).parameters,
+    reason="compare_planned takes ignore_index once the evaluation change is merged",
+)
+def test_ignore_index_leaves_void_labels_out_of_top1(tmp_path: Path) -> None:
+    ckpt, spec = _tiny_checkpoint(tmp_path)
+    val = _void_labels(tmp_path / "val.npz")
+    code, _, err = run_cli(
+        "recalibrate", ckpt, "--model", spec, "--calib", arrays(tmp_path / "c.npz", n=12, size=8),
+        "--val", val, "--batch-size", "4", "--ignore-index", "255", "--report", tmp_path / "r.json",
+    )  # fmt: skip
+    assert code == 0, err
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["ignore_index"] == [255]
+    x, y = (torch.from_numpy(a) for a in np.load(val).values())
+    kept = y != 255
+    for when, path in (("before", ckpt), ("after", tmp_path / "tiny.bnfix.pt")):
+        model = TinyNet().eval()
+        model.load_state_dict(torch.load(path, weights_only=True))
+        with torch.no_grad():
+            correct = (model(x).argmax(1) == y)[kept].double().mean().item()
+        assert report["comparison"][when]["top1"] == pytest.approx(correct, rel=1e-12), when
+
+
+def test_small_images_get_one_note_unless_image_size_is_given(
+    tmp_path: Path, data: dict[str, Path]
+) -> None:
+    ckpt, spec = _tiny_checkpoint(tmp_path)
+    base = ("recalibrate", ckpt, "--model", spec, "--calib", data["calib"], "--val", data["val"],
+            "--batch-size", "4", "--workers", "0", "--dry-run")  # fmt: skip
+    code, _, err = run_cli(*base)
+    assert code == 0, err
+    assert re.fullmatch(
+        r"bnfix: WARNING: --calib images such as \S+\.png are 40x36 pixels: they are upscaled to "
+        r"the default --image-size 224; pass --image-size .*",
+        _one_line(err),
+    )
+    for extra in (("--image-size", "32"), ("--quiet",)):
+        code, _, err = run_cli(*base, *extra)
+        assert (code, err) == (0, "")
+
+
+def test_first_line_of_an_error() -> None:
+    from bnfix.cli.errors import first_line
+
+    worker = RuntimeError(
+        "Caught ValueError in DataLoader worker process 0.\nOriginal Traceback (most recent call "
+        'last):\n  File "x.py", line 1, in f\nValueError: bad   pixel\n'
+    )
+    assert first_line(worker) == "bad pixel"
+    assert first_line(RuntimeError("Error(s) in loading:\n\tMissing key(s): a")) == (
+        "Error(s) in loading:"
+    )
+    assert first_line(KeyError()) == "KeyError" and first_line(OSError("  \n")) == "OSError"

@@ -59,6 +59,7 @@ def test_demo_in_process_cures_the_polluted_checkpoint(tmp_path: Path) -> None:
     ]  # fmt: skip
 
 
+@pytest.mark.slow
 @needs_sklearn
 def test_python_m_bnfix_demo_subprocess(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}

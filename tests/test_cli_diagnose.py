@@ -4,15 +4,21 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+import signal
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from cli_fixtures import arrays, corrupt_bn, listing, run_cli
+from cli_fixtures import arrays, listing, run_cli
+from conftest import randomize_bn
 from torch import nn
+
+from bnfix.cli.errors import INTERRUPTED
+from bnfix.diagnosis.result import Diagnosis
 
 STATISTICS_CAUSES = {"statistics_mismatch", "stale_statistics", "distribution_shift"}
 
@@ -27,11 +33,6 @@ def build(num_classes=4):
 """
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> None:
-    torch.set_num_threads(1)
-
-
 @pytest.fixture(scope="module")
 def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """A checkpoint whose BN statistics are polluted, its model file, labelled data."""
@@ -40,7 +41,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     namespace: dict[str, Any] = {}
     exec(NET, namespace)
     torch.manual_seed(0)
-    model: nn.Module = corrupt_bn(namespace["build"]())
+    model: nn.Module = randomize_bn(namespace["build"]())
     torch.save({"state_dict": model.state_dict(), "epoch": 5}, root / "model.pt")
     return {
         "root": root,
@@ -167,3 +168,25 @@ def test_help() -> None:
     for option in ("--calib", "--reference", "--report", "--plot", "--compare-to", "--num-batches"):
         assert option in out, option
     assert "--val" not in out and "--out" not in out
+
+
+def test_ctrl_c_while_plotting(
+    files: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("matplotlib")
+    real = Diagnosis.plot
+
+    def plot_with_sigint(self: Diagnosis, path: Any, **kwargs: Any) -> None:
+        os.kill(os.getpid(), signal.SIGINT)
+        real(self, path, **kwargs)
+
+    monkeypatch.setattr(Diagnosis, "plot", plot_with_sigint)
+    plot, report = tmp_path / "drift.png", tmp_path / "d.json"
+    # Nothing in place yet: Ctrl-C stops the command and leaves no file, not even a partial one.
+    code, _, err = run_cli(*_base(files), "--plot", plot)
+    assert (code, err.strip()) == (130, INTERRUPTED) and list(tmp_path.iterdir()) == []
+    # The report is in place first: the plot is finished too, and the command succeeds.
+    code, out, err = run_cli(*_base(files), "--report", report, "--plot", plot)
+    assert code == 0 and f"plot: {plot}" in out and "finished writing" in err
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and json.loads(report.read_text())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.json", "drift.png"]

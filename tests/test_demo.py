@@ -20,14 +20,6 @@ from bnfix import demo
 pytest.importorskip("sklearn")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def _option(argv: list[str], name: str) -> str:
     return argv[argv.index(name) + 1]
 

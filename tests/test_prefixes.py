@@ -9,7 +9,8 @@ from typing import Any
 
 import pytest
 import torch
-from cli_fixtures import TinyNet, arrays, corrupt_bn, listing, run_cli
+from cli_fixtures import TinyNet, arrays, listing, run_cli
+from conftest import randomize_bn
 from test_safetensors_io import bitwise_equal, check_bn, expected_bn
 from torch import nn
 
@@ -27,7 +28,7 @@ def _one_thread() -> None:
 
 def tiny_state(seed: int = 0, **kwargs: Any) -> OrderedDict[str, torch.Tensor]:
     torch.manual_seed(seed)
-    return corrupt_bn(TinyNet(**kwargs), seed).state_dict()
+    return randomize_bn(TinyNet(**kwargs), seed).state_dict()
 
 
 def under(prefix: str, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

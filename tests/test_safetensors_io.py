@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from cli_fixtures import TinyNet, arrays, corrupt_bn, listing, run_cli
+from cli_fixtures import TinyNet, arrays, listing, run_cli
+from conftest import randomize_bn
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -33,7 +34,7 @@ def _one_thread() -> None:
 
 def tiny_state(seed: int = 0) -> OrderedDict[str, torch.Tensor]:
     torch.manual_seed(seed)
-    return corrupt_bn(TinyNet(), seed).state_dict()
+    return randomize_bn(TinyNet(), seed).state_dict()
 
 
 def mixed_state() -> dict[str, torch.Tensor]:

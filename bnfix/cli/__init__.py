@@ -1,10 +1,27 @@
 """The command line, ``python -m bnfix``: the only part of bnfix that prints.
 
-:mod:`bnfix.cli.program` holds :func:`main`; each command lives in its own module.
+One module per command (:mod:`~bnfix.cli.recalibrate`, :mod:`~bnfix.cli.diagnose`,
+:mod:`~bnfix.cli.demo`), each with ``add_parser()`` and ``run(args)``; :mod:`bnfix.cli.program`
+parses the options and runs them. Importing this package imports nothing more, so that Ctrl-C
+while the command line starts is answered with one line (:func:`main`).
 """
 
 from __future__ import annotations
 
-from bnfix.cli.program import main
+import sys
+from collections.abc import Sequence
+from typing import Optional
+
+from bnfix.cli.errors import EXIT_INTERRUPTED, INTERRUPTED
 
 __all__ = ["main"]
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the command line (``argv`` defaults to ``sys.argv[1:]``); returns the exit status."""
+    try:
+        from bnfix.cli.program import main as run
+    except KeyboardInterrupt:
+        print(INTERRUPTED, file=sys.stderr)
+        return EXIT_INTERRUPTED
+    return run(argv)

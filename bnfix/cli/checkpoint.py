@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from bnfix.cli import prefixes, safetensors_io, torch_pickle
+from bnfix.cli.errors import first_line
 from bnfix.errors import BnfixError
 from bnfix.layers import bn_layers, unwrap
 
@@ -164,7 +165,7 @@ def load_checkpoint(
         except Exception as error:  # safetensors raises its own SafetensorError, OSError...
             raise CheckpointError(
                 f"{path} is not a readable safetensors file (truncated or corrupt?): "
-                f"{type(error).__name__}: {_first_line(error)}"
+                f"{type(error).__name__}: {first_line(error)}"
             ) from error
         found = _find_weights(path, tensors, key)
         return Checkpoint(path, tensors, *found, format="safetensors", metadata=metadata)
@@ -175,7 +176,7 @@ def load_checkpoint(
     except pickle.UnpicklingError as error:
         if trust:
             raise CheckpointError(
-                f"{path} is not a readable PyTorch checkpoint: {_first_line(error)}"
+                f"{path} is not a readable PyTorch checkpoint: {first_line(error)}"
             ) from error
         raise CheckpointError(
             f"{path} cannot be loaded with weights_only=True: it holds objects other than "
@@ -185,14 +186,9 @@ def load_checkpoint(
     except Exception as error:  # the unpickler raises anything on garbage: KeyError, EOFError...
         raise CheckpointError(
             f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?): "
-            f"{type(error).__name__}: {_first_line(error)}"
+            f"{type(error).__name__}: {first_line(error)}"
         ) from error
     return Checkpoint(path, container, *_find_weights(path, container, key))
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else ""
 
 
 def _find_weights(
@@ -296,7 +292,7 @@ def apply_state_dict(
         unwrap(model).load_state_dict(weights, strict=True)
     except RuntimeError as error:
         raise CheckpointError(
-            f"The checkpoint {checkpoint.path} does not load into the model: {_first_line(error)}"
+            f"The checkpoint {checkpoint.path} does not load into the model: {first_line(error)}"
         ) from error
     checkpoint.prefix = chosen
     checkpoint.passengers = tuple(prefixes.passengers(target, state, chosen))

@@ -1,6 +1,8 @@
 """The model a command runs on: built from ``--arch``/``--model``, weights loaded strictly.
 
-Like :mod:`bnfix.cli.session`, nothing here prints: bad input raises :class:`bnfix.cli.session.BadInput`.
+Nothing here prints: bad input raises :class:`bnfix.cli.errors.BadInput`. Nothing is downloaded
+either: torchvision builders get ``weights=None`` (and ``weights_backbone=None`` where they take a
+pretrained backbone, as the segmentation and detection models do), timm's ``pretrained=False``.
 """
 
 from __future__ import annotations
@@ -8,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import inspect
 import json
 import os
 import sys
@@ -19,7 +22,7 @@ import torch
 from torch import nn
 
 from bnfix.cli.checkpoint import Checkpoint, apply_state_dict, load_checkpoint
-from bnfix.cli.session import BadInput, fail
+from bnfix.cli.errors import BadInput, fail, first_line
 from bnfix.layers import bn_layers
 
 __all__ = ["build_model", "load_model", "load_other_model"]
@@ -63,7 +66,9 @@ def _import_builder(spec: str) -> Callable[..., Any]:
     except BadInput:
         raise
     except Exception as error:
-        fail(f"Cannot import {module_name} for --model: {type(error).__name__}: {error}")
+        fail(
+            f"Cannot import {module_name} for --model: {type(error).__name__}: {first_line(error)}"
+        )
     builder = getattr(module, attr, None)
     if not callable(builder):
         fail(f"--model: {module_name} has no callable {attr!r}")
@@ -91,12 +96,16 @@ def build_model(args: argparse.Namespace) -> nn.Module:
                 fail(
                     f"Unknown --arch {args.arch!r}: expected a torchvision model name (torchvision.models.list_models()) or timm:NAME"
                 )
-            model = torchvision.models.get_model(args.arch, weights=None, **kwargs)
+            builder = torchvision.models.get_model_builder(args.arch)
+            if "weights_backbone" in inspect.signature(builder).parameters:
+                kwargs.setdefault("weights_backbone", None)  # its default downloads a backbone
+            model = builder(weights=None, **kwargs)
     except BadInput:
         raise
     except Exception as error:
         fail(
-            f"Building the model failed: {type(error).__name__}: {error}; check --model-kwargs/--num-classes"
+            f"Building the model failed: {type(error).__name__}: {first_line(error)}; check "
+            "--model-kwargs/--num-classes"
         )
     if not isinstance(model, nn.Module):
         fail(f"Expected the --model builder to return an nn.Module, but got {type(model).__name__}")

@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from bnfix.cli.errors import first_line
+
 __all__ = ["TORCHSCRIPT_MESSAGE", "blocked_globals", "is_torchscript", "load"]
 
 TORCHSCRIPT_MESSAGE = (
@@ -81,4 +83,4 @@ def blocked_globals(path: Path, error: pickle.UnpicklingError) -> str:
         blocked = torch.serialization.get_unsafe_globals_in_checkpoint(path)
     except Exception:  # legacy (non-zip) format: only the error message names them
         blocked = []
-    return ", ".join(sorted(blocked)) if blocked else str(error).strip().splitlines()[0]
+    return ", ".join(sorted(blocked)) if blocked else first_line(error)
