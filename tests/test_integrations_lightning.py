@@ -42,6 +42,11 @@ CLASSES = 4
 SCALE = 16.0  # the raw data is in 0..16; the module's on_after_batch_transfer divides by it
 
 
+@pytest.fixture(autouse=True)
+def _seeded() -> None:
+    torch.manual_seed(0)  # model initialization; loaders carry their own generators
+
+
 class Blobs(Dataset):
     """Learnable 1x6x6 images: class k has a bright k-th quadrant-ish pattern, raw scale 0..16."""
 
