@@ -389,3 +389,38 @@ def test_import_error_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delitem(sys.modules, "bnfix.integrations.lightning")
     with pytest.raises(ImportError, match=r"pip install bnfix\[lightning\]"):
         importlib.import_module("bnfix.integrations.lightning")
+
+
+class SaveRankState(L.Callback):
+    """Saves, per rank, the module before RecalibrateBN, or its statistics and batches after."""
+
+    def __init__(self, path: Any, before: bool) -> None:
+        self.path, self.before = path, before
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        rank = trainer.global_rank
+        if self.before:
+            torch.save(pl_module.state_dict(), self.path / f"snapshot{rank}.pt")
+        else:
+            # Lightning's distributed sampler shuffles the training shards (seeded, per epoch), so
+            # the batches this rank just calibrated on are read back from the same loader.
+            shard = list(trainer.train_dataloader)
+            torch.save((bn_state(pl_module), shard), self.path / f"rank{rank}.pt")
+
+
+@pytest.mark.slow
+def test_ddp_ranks_end_with_the_exact_statistics_of_all_shards(tmp_path: Any) -> None:
+    callbacks = [SaveRankState(tmp_path, True), RecalibrateBN(), SaveRankState(tmp_path, False)]
+    fit = trainer(tmp_path, callbacks, strategy="ddp_spawn", devices=2, max_steps=2)
+    fit.fit(LitNet(), loader(64))
+
+    snapshot = LitNet()
+    snapshot.load_state_dict(torch.load(tmp_path / "snapshot0.pt"))
+    (stats0, shard0), (stats1, shard1) = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert len(shard0) == len(shard1) == 2  # each rank: half of the 64 samples
+    for key in stats0:
+        assert torch.equal(stats0[key], stats1[key]), key  # every rank: the same statistics
+    # One process, both ranks' batches: the exact statistics of the union of the shards.
+    expected = reference(snapshot, transferred(shard0) + transferred(shard1))
+    for key, value in expected.items():
+        torch.testing.assert_close(stats0[key], value, rtol=1e-5, atol=1e-6, msg=key)
