@@ -424,3 +424,47 @@ def test_ddp_ranks_end_with_the_exact_statistics_of_all_shards(tmp_path: Any) ->
     expected = reference(snapshot, transferred(shard0) + transferred(shard1))
     for key, value in expected.items():
         torch.testing.assert_close(stats0[key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_older_pytorch_lightning_trainer_accepts_the_callback(tmp_path: Any) -> None:
+    ptl = pytest.importorskip("pytorch_lightning")
+
+    class OldLit(ptl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = make_net()
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.net(x)
+
+        def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+            return nn.functional.cross_entropy(self(batch["x"] / SCALE), batch["y"])
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.2)
+
+    class OldSnapshot(ptl.Callback):
+        module: nn.Module | None = None
+
+        def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+            OldSnapshot.module = copy.deepcopy(pl_module)
+
+    options: dict[str, Any] = {
+        "accelerator": "cpu",
+        "devices": 1,
+        "max_steps": 2,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "logger": False,
+        "enable_checkpointing": False,
+        "default_root_dir": tmp_path,
+    }
+    calib = [(b["x"] / SCALE, b["y"]) for b in loader(32)]
+    module = OldLit()
+    ptl.Trainer(callbacks=[OldSnapshot(), RecalibrateBN(calib)], **options).fit(module, loader())
+    assert OldSnapshot.module is not None
+    assert_same(bn_state(module), reference(OldSnapshot.module, calib))
+
+    wrong = ptl.Trainer(callbacks=[RecalibrateBN(), ptl.callbacks.WeightAveraging()], **options)
+    with pytest.raises(ValueError, match="RecalibrateBN after WeightAveraging"):
+        wrong.fit(OldLit(), loader())

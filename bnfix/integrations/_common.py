@@ -63,6 +63,10 @@ def check_options(
         )
     probe = {k: v for k, v in options.items() if k not in ("layers", "process_group", "progress")}
     group = options.get("process_group", group)
+    if group is None and torch.distributed.is_available() and torch.distributed.is_initialized():
+        # already under several processes (torchrun + TrainingArguments): check as the callback
+        # will run, and keep recalibrate's once-per-process "no process_group" warning unspent
+        group = process_group(torch.distributed.get_world_size())
     previous = logging.root.manager.disable
     logging.disable(logging.WARNING)  # silence "no BatchNorm layer" about the probe model
     try:

@@ -252,7 +252,7 @@ def _check_order(trainer: pl.Trainer, callback: RecalibrateBN) -> None:
 
     It would replace the weights after the statistics were computed for the old ones.
     """
-    callbacks = list(trainer.callbacks)
+    callbacks = list(trainer.callbacks)  # type: ignore[attr-defined]  # set by its connector
     index = next(i for i, cb in enumerate(callbacks) if cb is callback)
     for later in callbacks[index + 1 :]:
         if any(_from_lightning(cls, _AVERAGING) for cls in type(later).__mro__):

@@ -46,7 +46,7 @@ __all__ = ["RecalibrateBNCallback"]
 logger = logging.getLogger(__name__)
 
 
-class RecalibrateBNCallback(TrainerCallback):  # type: ignore[misc]
+class RecalibrateBNCallback(TrainerCallback):
     """Recompute BatchNorm running statistics exactly when ``Trainer.train`` ends.
 
     The model is the trained one the Trainer hands to its callbacks (unwrapped from DDP), on its
