@@ -129,7 +129,8 @@ class RecalibrateBN(Callback):
             raise ValueError(f"Expected `when` to be one of {list(WHEN)}, but got {when!r}")
         check_options(recalibrate_kwargs, num_batches, forward_fn)
         if when == "validation":
-            check_options(recalibrate_kwargs, _validation_batches(num_batches, None), forward_fn)
+            group = recalibrate_kwargs.get("process_group")
+            check_options(recalibrate_kwargs, _validation_batches(num_batches, group), forward_fn)
         self.dataloader = dataloader
         self.when = when
         self.num_batches = num_batches
