@@ -468,3 +468,34 @@ def test_older_pytorch_lightning_trainer_accepts_the_callback(tmp_path: Any) -> 
     wrong = ptl.Trainer(callbacks=[RecalibrateBN(), ptl.callbacks.WeightAveraging()], **options)
     with pytest.raises(ValueError, match="RecalibrateBN after WeightAveraging"):
         wrong.fit(OldLit(), loader())
+
+
+def test_last_link_is_replaced_by_a_file_and_its_target_kept(tmp_path: Any) -> None:
+    checkpoint = ModelCheckpoint(
+        dirpath=tmp_path / "ckpt", save_last="link", save_top_k=1, every_n_train_steps=4
+    )
+    module = LitNet()
+    fit = trainer(tmp_path, [RecalibrateBN(loader(32))], enable_checkpointing=True, max_steps=8)
+    fit.callbacks.append(checkpoint)
+    fit.fit(module, loader(64, shuffle=True))
+
+    last = tmp_path / "ckpt" / "last.ckpt"
+    assert last.is_file() and not last.is_symlink()
+    saved = torch.load(last, map_location="cpu", weights_only=False)["state_dict"]
+    assert_same({k: v for k, v in saved.items() if "running" in k}, bn_state(module))
+    top = torch.load(checkpoint.best_model_path, map_location="cpu", weights_only=False)
+    assert torch.equal(top["state_dict"]["net.1.running_var"], torch.ones(4))  # as trained
+
+
+def test_several_training_loaders_need_an_explicit_one() -> None:
+    from types import SimpleNamespace
+
+    from bnfix.integrations.lightning import _train_loader
+
+    both = SimpleNamespace(train_dataloader={"a": loader(), "b": loader()})
+    with pytest.raises(bnfix.BnfixError, match=r"has 2; pass RecalibrateBN\(dataloader=...\)"):
+        _train_loader(both)  # type: ignore[arg-type]
+    with pytest.raises(bnfix.BnfixError, match="there is none"):
+        _train_loader(SimpleNamespace(train_dataloader=None))  # type: ignore[arg-type]
+    one = loader()
+    assert _train_loader(SimpleNamespace(train_dataloader=[one])) is one  # type: ignore[arg-type]

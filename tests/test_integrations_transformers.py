@@ -89,7 +89,7 @@ class Snapshot(TrainerCallback):
         self.model = copy.deepcopy(kwargs["model"])
 
 
-def train(tmp_path: Any, callbacks: list[TrainerCallback], **kwargs: Any) -> Net:
+def train(tmp_path: Any, callbacks: list[TrainerCallback], **kwargs: Any) -> tuple[Net, Trainer]:
     options: dict[str, Any] = {
         "output_dir": str(tmp_path),
         "report_to": [],
@@ -112,7 +112,7 @@ def train(tmp_path: Any, callbacks: list[TrainerCallback], **kwargs: Any) -> Net
         callbacks=callbacks,
     )
     trainer.train()
-    return model
+    return model, trainer
 
 
 def bn_state(module: nn.Module) -> dict[str, Tensor]:
@@ -153,9 +153,11 @@ def accuracy(model: nn.Module, batches: Any, *, train_bn: bool = False) -> float
 def test_given_loader_matches_direct_recalibrate(tmp_path: Any) -> None:
     calib = DataLoader(Blobs(48, seed=1), batch_size=16)
     snap, callback = Snapshot(), RecalibrateBNCallback(calib)
-    model = train(tmp_path, [snap, callback])
+    model, trainer = train(tmp_path, [snap, callback])
 
     assert snap.model is not None and callback.report is not None
+    logged = trainer.state.log_history[-1]
+    assert (logged["bnfix/samples"], logged["step"]) == (48, trainer.state.global_step)
     assert torch.equal(snap.model.net[1].running_mean, torch.zeros(4))  # stale on purpose
     assert_same(bn_state(model), reference(snap.model, calib, forward_fn=call_with_kwargs))
     assert (callback.report.batches, callback.report.samples) == (3, 48)
@@ -164,7 +166,7 @@ def test_given_loader_matches_direct_recalibrate(tmp_path: Any) -> None:
 
 def test_default_loader_closes_the_gap(tmp_path: Any) -> None:
     snap, callback = Snapshot(), RecalibrateBNCallback()
-    model = train(tmp_path, [snap, callback], max_steps=24)
+    model, _ = train(tmp_path, [snap, callback], max_steps=24)
 
     assert snap.model is not None and callback.report is not None
     assert callback.report.samples == 64  # the trainer's own loader, whole
@@ -185,7 +187,7 @@ def test_forward_fn_replaces_the_kwargs_call(tmp_path: Any) -> None:
         return model.net(batch["pixel_values"])
 
     snap = Snapshot()
-    model = train(tmp_path, [snap, RecalibrateBNCallback(calib, forward_fn=forward_fn)])
+    model, _ = train(tmp_path, [snap, RecalibrateBNCallback(calib, forward_fn=forward_fn)])
     assert calls == [8, 8, 8, 8]
     assert snap.model is not None
     assert_same(bn_state(model), reference(snap.model, calib, forward_fn=call_with_kwargs))
