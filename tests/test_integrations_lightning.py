@@ -499,3 +499,26 @@ def test_several_training_loaders_need_an_explicit_one() -> None:
         _train_loader(SimpleNamespace(train_dataloader=None))  # type: ignore[arg-type]
     one = loader()
     assert _train_loader(SimpleNamespace(train_dataloader=[one])) is one  # type: ignore[arg-type]
+
+
+class EndlessBlobs(torch.utils.data.IterableDataset):
+    """An iterable (here endless) dataset, which StochasticWeightAveraging's BN epoch refuses."""
+
+    def __iter__(self) -> Any:
+        data = Blobs(64, seed=5)
+        while True:
+            yield from (data[i] for i in range(len(data)))
+
+
+def test_iterable_training_data_with_a_bound(tmp_path: Any) -> None:
+    snap, callback = Snapshot(), RecalibrateBN(num_batches=3)
+    module = LitNet()
+    trainer(tmp_path, [snap, callback], max_steps=5).fit(
+        module, DataLoader(EndlessBlobs(), batch_size=16)
+    )
+    assert callback.report is not None and callback.report.batches == 3
+    fresh = iter(DataLoader(EndlessBlobs(), batch_size=16))  # a new pass starts at the beginning
+    first = [next(fresh) for _ in range(3)]
+    assert snap.module is not None
+    expected = reference(snap.module, [(b["x"] / SCALE, b["y"]) for b in first])
+    assert_same(bn_state(module), expected)
