@@ -1,0 +1,117 @@
+"""Helpers shared by the framework callbacks; imports no framework.
+
+Only the public bnfix API is used here (``bnfix.recalibrate``, ``bnfix.Report``), so the callbacks
+keep working while the library's internals move.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+import bnfix
+
+__all__ = [
+    "ALLOWED_OPTIONS",
+    "check_options",
+    "kwargs_forward",
+    "missing_framework",
+    "process_group",
+    "report_metrics",
+]
+
+logger = logging.getLogger(__name__)
+
+# recalibrate() options a callback passes through; the callback itself decides the loader, the
+# number of batches, the forward, the device (the model's own) and, under DDP, the process group.
+ALLOWED_OPTIONS = frozenset({"momentum", "layers", "dropout", "progress", "tol", "process_group"})
+
+
+def missing_framework(package: str, extra: str, error: ImportError) -> ImportError:
+    """The one ImportError an integration raises when its framework is not installed."""
+    return ImportError(
+        f"bnfix.integrations.{extra} needs the `{package}` package, which could not be imported "
+        f"({error}); install it with `pip install bnfix[{extra}]`"
+    )
+
+
+def check_options(
+    options: Mapping[str, Any], num_batches: Any, forward_fn: Any, group: Any = None
+) -> None:
+    """Validate the callback's recalibrate options when the callback is built, not after training.
+
+    ``bnfix.recalibrate`` validates its options before doing any work and returns at once for a
+    model without BatchNorm, so calling it on an empty ``nn.Identity`` with an empty loader checks
+    every option with the library's own rules and messages (the layer selector is left out: on a
+    model without layers a pattern would only log that it matched nothing). ``group`` is the
+    process group the callback will pass, so that combinations ``recalibrate`` refuses under
+    several ranks (an EMA momentum, ``num_batches="auto"``) are refused here too.
+
+    Raises:
+        TypeError: an option ``recalibrate`` has but the callback decides itself, or an unknown one.
+        ValueError: a bad option value (``recalibrate``'s own message).
+    """
+    unknown = sorted(set(options) - ALLOWED_OPTIONS)
+    if unknown:
+        raise TypeError(
+            f"Expected recalibrate options among {sorted(ALLOWED_OPTIONS)}, but got {unknown}; the "
+            "callback chooses the loader, the device (the model's own) and the batch transfer"
+        )
+    probe = {k: v for k, v in options.items() if k not in ("layers", "process_group", "progress")}
+    group = options.get("process_group", group)
+    if group is None and torch.distributed.is_available() and torch.distributed.is_initialized():
+        # already under several processes (torchrun + TrainingArguments): check as the callback
+        # will run, and keep recalibrate's once-per-process "no process_group" warning unspent
+        group = process_group(torch.distributed.get_world_size())
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)  # silence "no BatchNorm layer" about the probe model
+    try:
+        bnfix.recalibrate(
+            nn.Identity(),
+            [],
+            num_batches=num_batches,
+            forward_fn=forward_fn,
+            process_group=group,
+            **probe,
+        )
+    finally:
+        logging.disable(previous)
+
+
+def process_group(world_size: int) -> Any:
+    """The default process group when training runs on several processes, else None.
+
+    Both Lightning's DDP strategies and accelerate (which ``transformers.Trainer`` uses) train in
+    the default (WORLD) group; passing it makes every rank end with the exact statistics of all
+    ranks' data instead of its own shard's.
+    """
+    if world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.group.WORLD
+    return None
+
+
+def report_metrics(report: bnfix.Report) -> dict[str, float]:
+    """The few numbers worth a logger: how much data was used and how far the statistics moved."""
+    worst = report.worst(1)
+    return {
+        "bnfix/batches": float(report.batches),
+        "bnfix/samples": float(report.samples),
+        "bnfix/worst_drift": worst[0].max_drift if worst else 0.0,
+        "bnfix/seconds": float(report.seconds),
+    }
+
+
+def kwargs_forward(model: nn.Module, batch: Any) -> Any:
+    """Call a Hugging Face style model as its Trainer does: ``model(**batch)`` for a dict batch.
+
+    Other layouts (a tensor, a tuple whose first element is the input) are called positionally.
+    """
+    if isinstance(batch, Mapping):
+        return model(**batch)
+    if isinstance(batch, (tuple, list)):
+        return model(batch[0])
+    return model(batch)
