@@ -64,7 +64,7 @@ def test_report_metrics_from_a_real_report() -> None:
     report = bnfix.recalibrate(model, batches)
     metrics = report_metrics(report)
     assert metrics["bnfix/batches"] == 3 and metrics["bnfix/samples"] == 15
-    assert metrics["bnfix/worst_drift"] == max(layer.max_drift for layer in report.layers)
+    assert metrics["bnfix/worst_drift"] == max(layer.drift.score for layer in report.layers)
     assert metrics["bnfix/seconds"] == report.seconds
 
 

@@ -260,7 +260,7 @@ def test_default_loader_closes_the_gap_and_logs_metrics(tmp_path: Any) -> None:
     assert step == fit.global_step
     assert metrics["bnfix/batches"] == callback.report.batches
     assert metrics["bnfix/samples"] == 96
-    assert metrics["bnfix/worst_drift"] == pytest.approx(callback.report.worst(1)[0].max_drift)
+    assert metrics["bnfix/worst_drift"] == pytest.approx(callback.report.worst(1)[0].drift.score)
 
 
 def test_last_checkpoint_holds_recalibrated_stats_with_weight_averaging(tmp_path: Any) -> None:

@@ -1,7 +1,7 @@
 """Helpers shared by the framework callbacks; imports no framework.
 
-Only the public bnfix API is used here (``bnfix.recalibrate``, ``bnfix.Report``), so the callbacks
-keep working while the library's internals move.
+The callbacks use the public API (``bnfix.recalibrate``, ``bnfix.Report``) plus the option
+validation every entry point shares (:class:`bnfix.plan.Plan`).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 import bnfix
+from bnfix.plan import Plan
 
 __all__ = [
     "ALLOWED_OPTIONS",
@@ -44,12 +45,11 @@ def check_options(
 ) -> None:
     """Validate the callback's recalibrate options when the callback is built, not after training.
 
-    ``bnfix.recalibrate`` validates its options before doing any work and returns at once for a
-    model without BatchNorm, so calling it on an empty ``nn.Identity`` with an empty loader checks
-    every option with the library's own rules and messages (the layer selector is left out: on a
-    model without layers a pattern would only log that it matched nothing). ``group`` is the
-    process group the callback will pass, so that combinations ``recalibrate`` refuses under
-    several ranks (an EMA momentum, ``num_batches="auto"``) are refused here too.
+    :meth:`bnfix.plan.Plan.build` is the validation ``recalibrate`` itself runs first, so the rules
+    and messages are the library's own (a ``layers`` glob is checked against the model later, when
+    it is known). ``group`` is the process group the callback will pass, so that combinations
+    ``recalibrate`` refuses under several ranks (an EMA momentum, ``num_batches="auto"``) are
+    refused here too.
 
     Raises:
         TypeError: an option ``recalibrate`` has but the callback decides itself, or an unknown one.
@@ -61,25 +61,17 @@ def check_options(
             f"Expected recalibrate options among {sorted(ALLOWED_OPTIONS)}, but got {unknown}; the "
             "callback chooses the loader, the device (the model's own) and the batch transfer"
         )
-    probe = {k: v for k, v in options.items() if k not in ("layers", "process_group", "progress")}
     group = options.get("process_group", group)
     if group is None and torch.distributed.is_available() and torch.distributed.is_initialized():
         # already under several processes (torchrun + TrainingArguments): check as the callback
         # will run, and keep recalibrate's once-per-process "no process_group" warning unspent
         group = process_group(torch.distributed.get_world_size())
-    previous = logging.root.manager.disable
-    logging.disable(logging.WARNING)  # silence "no BatchNorm layer" about the probe model
-    try:
-        bnfix.recalibrate(
-            nn.Identity(),
-            [],
-            num_batches=num_batches,
-            forward_fn=forward_fn,
-            process_group=group,
-            **probe,
-        )
-    finally:
-        logging.disable(previous)
+    Plan.build(
+        num_batches=num_batches,
+        forward_fn=forward_fn,
+        process_group=group,
+        **{k: v for k, v in options.items() if k != "process_group"},
+    )
 
 
 def process_group(world_size: int) -> Any:
@@ -100,7 +92,7 @@ def report_metrics(report: bnfix.Report) -> dict[str, float]:
     return {
         "bnfix/batches": float(report.batches),
         "bnfix/samples": float(report.samples),
-        "bnfix/worst_drift": worst[0].max_drift if worst else 0.0,
+        "bnfix/worst_drift": worst[0].drift.score if worst else 0.0,
         "bnfix/seconds": float(report.seconds),
     }
 
