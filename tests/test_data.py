@@ -1,6 +1,10 @@
 from __future__ import annotations
 
+import argparse
+import io
+import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -8,7 +12,19 @@ import torch
 from cli_fixtures import arrays, image_tree
 from PIL import Image
 
-from bnfix.cli.data import DataError, ImageOptions, ShardSampler, load_data, make_loader
+from bnfix.cli.data import (
+    DataError,
+    ImageFiles,
+    ImageOptions,
+    ShardSampler,
+    batch_count,
+    default_workers,
+    load_data,
+    make_loader,
+    pin_memory_for,
+)
+from bnfix.cli.program import build_parser
+from bnfix.cli.session import Dist, build_calib_loader, build_val_loader
 
 SMALL = ImageOptions(size=16, resize=18)
 
@@ -162,3 +178,219 @@ def test_loader_is_reiterable_with_the_same_batches(tmp_path: Path) -> None:
     loader = make_loader(dataset, batch_size=4)
     first, second = [b[1].tolist() for b in loader], [b[1].tolist() for b in loader]
     assert first == second and [len(b) for b in first] == [4, 4, 2]
+
+
+# --- loader defaults: workers, pinned memory, persistent workers ---------------------------------
+
+
+def _cpus(monkeypatch: pytest.MonkeyPatch, n: int) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(n)), raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)  # affinity wins over the machine's count
+
+
+@pytest.mark.parametrize(
+    ("cpus", "batches", "expected"),
+    [(1, 100, 0), (2, 100, 1), (6, 100, 5), (64, 100, 8), (6, 2, 2), (6, 0, 0)],
+)
+def test_default_workers_follow_the_cpu_affinity(
+    monkeypatch: pytest.MonkeyPatch, cpus: int, batches: int, expected: int
+) -> None:
+    _cpus(monkeypatch, cpus)
+    assert default_workers(batches) == expected
+
+
+def test_default_workers_without_affinity_use_the_cpu_count(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delattr(os, "sched_getaffinity", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    assert default_workers(100) == 3
+    monkeypatch.setattr(os, "cpu_count", lambda: None)
+    assert default_workers(100) == 0
+
+
+@pytest.mark.parametrize(("samples", "world"), [(10, 1), (10, 3), (7, 2), (1, 1)])
+def test_batch_count_matches_the_loader(tmp_path: Path, samples: int, world: int) -> None:
+    dataset, _ = load_data(arrays(tmp_path / "d.npz", n=samples), labelled=True)
+    for rank in range(world):
+        loader = make_loader(dataset, batch_size=3, rank=rank, world_size=world)
+        assert batch_count(samples, 3, rank=rank, world_size=world) == len(list(loader))
+
+
+def _args(*argv: Any) -> argparse.Namespace:
+    return build_parser().parse_args(
+        ["recalibrate", "ckpt.pt", "--arch", "resnet18", *[str(a) for a in argv]]
+    )
+
+
+def test_cli_workers_default_from_cpus_and_capped_by_batches(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = image_tree(tmp_path / "a", classes=2, per_class=6)  # 12 images
+    _cpus(monkeypatch, 4)
+    common = ("--calib", root, "--val", root, "--device", "cpu")
+    calib, _ = build_calib_loader(_args(*common, "--batch-size", "2"), Dist())
+    assert calib.num_workers == 3 and calib.persistent_workers  # 4 CPUs - 1
+    calib, _ = build_calib_loader(_args(*common, "--batch-size", "6"), Dist())
+    assert calib.num_workers == 2  # only 2 batches to load
+    limited = _args(*common, "--batch-size", "2", "--num-batches", "1")
+    assert build_calib_loader(limited, Dist())[0].num_workers == 1
+    shard = build_calib_loader(_args(*common, "--batch-size", "4"), Dist(rank=1, world=2))[0]
+    assert shard.num_workers == 2  # 6 samples on this rank: 2 batches
+    val, _ = build_val_loader(_args(*common, "--batch-size", "4"))
+    assert val.num_workers == 3 and not val.pin_memory
+
+
+def test_cli_workers_option_overrides_and_tensor_files_load_in_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = image_tree(tmp_path / "a", classes=1, per_class=4)
+    _cpus(monkeypatch, 4)
+    args = _args("--calib", root, "--workers", "5", "--batch-size", "2")
+    assert build_calib_loader(args, Dist())[0].num_workers == 5
+    npz = arrays(tmp_path / "d.npz", n=40)
+    assert build_calib_loader(_args("--calib", npz), Dist())[0].num_workers == 0
+
+
+@pytest.mark.parametrize(
+    ("device", "cuda", "expected"),
+    [
+        ("cpu", True, False),
+        ("cuda", False, True),
+        ("cuda:1", False, True),
+        (torch.device("cuda", 0), False, True),
+        (torch.device("cpu"), True, False),
+        ("auto", True, True),
+        ("auto", False, False),
+    ],
+)
+def test_pin_memory_iff_batches_go_to_cuda(
+    monkeypatch: pytest.MonkeyPatch, device: Any, cuda: bool, expected: bool
+) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    assert pin_memory_for(device) is expected
+
+
+def test_cli_loader_pins_memory_when_the_device_is_cuda(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = image_tree(tmp_path / "a", classes=1, per_class=2)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    loader, _ = build_calib_loader(_args("--calib", root, "--device", "auto"), Dist())
+    assert loader.pin_memory  # not iterated: pinning itself needs a GPU
+
+
+def test_workers_start_once_for_every_pass(tmp_path: Path) -> None:
+    dataset, _ = load_data(image_tree(tmp_path / "a", classes=1, per_class=5), labelled=False)
+    loader = make_loader(dataset, batch_size=2, workers=1)
+    first_pass = iter(loader)
+    first = [b.sum().item() for b in first_pass]
+    pids = [w.pid for w in first_pass._workers]  # type: ignore[attr-defined]
+    second_pass = iter(loader)
+    second = [b.sum().item() for b in second_pass]
+    assert second_pass is first_pass and [w.pid for w in second_pass._workers] == pids  # type: ignore[attr-defined]
+    assert first == second and len(first) == 3
+    del first_pass, second_pass, loader  # shuts the worker down
+
+
+# --- decoding: torchvision.io for JPEG/PNG, PIL for the rest --------------------------------------
+
+# One grey level after normalization by the smallest std: resized uint8 pixels of the tensor
+# path and of PIL differ by rounding only (measured: mean 3e-5 on 256 px JPEGs, max one level).
+ONE_LEVEL = 1 / 255 / min(ImageOptions.std) + 1e-6
+
+
+def _photo(height: int = 50, width: int = 70, seed: int = 0) -> np.ndarray:
+    """Smooth gradients plus noise: JPEG-like content, not pure noise."""
+    yy, xx = np.mgrid[0:height, 0:width]
+    rng = np.random.default_rng(seed)
+    pixels = np.stack([xx * 3 + yy, yy * 4 + 20, (xx + yy) * 2], axis=-1) % 256
+    return np.clip(pixels + rng.normal(0, 15, pixels.shape), 0, 255).astype(np.uint8)
+
+
+def _save(image: Image.Image, path: Path, **options: Any) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, **options)
+    return path
+
+
+def _image_kinds(root: Path) -> dict[str, tuple[Path, bool]]:
+    """name -> (file, decoded by torchvision)."""
+    rgb = Image.fromarray(_photo())
+    wide16 = (_photo()[..., 0].astype(np.uint16) * 257).astype(np.uint16)
+    return {
+        "jpeg": (_save(rgb, root / "rgb.jpg", quality=90), True),
+        "grayscale jpeg": (_save(rgb.convert("L"), root / "gray.jpeg"), True),
+        "cmyk jpeg": (_save(rgb.convert("CMYK"), root / "cmyk.jpg"), True),
+        "png with alpha": (
+            _save(Image.fromarray(np.dstack([_photo(), _photo(seed=1)[..., 0]])), root / "a.png"),
+            True,
+        ),
+        "palette png": (_save(rgb.convert("P"), root / "p.png"), True),
+        "grayscale png": (_save(rgb.convert("L"), root / "l.png"), True),
+        "png named .jpg": (_save(rgb, root / "png.jpg", format="PNG"), True),
+        "16-bit png": (_save(Image.fromarray(wide16), root / "w16.png"), False),
+        "bmp": (_save(rgb, root / "b.bmp"), False),
+    }
+
+
+@pytest.mark.parametrize("size", [32, 64])
+def test_torchvision_decoding_matches_pil_within_one_grey_level(tmp_path: Path, size: int) -> None:
+    kinds = _image_kinds(tmp_path / "img")
+    options = ImageOptions(size=size)
+    fast, _ = load_data(tmp_path / "img", labelled=False, image=options)
+    slow, _ = load_data(
+        tmp_path / "img", labelled=False, image=ImageOptions(size=size, decoder="pil")
+    )
+    assert isinstance(fast, ImageFiles) and isinstance(slow, ImageFiles)
+    assert fast.files == slow.files
+    decoded = {path: tv for path, tv in kinds.values()}
+    for index, path in enumerate(fast.files):
+        assert (fast._decode(path) is not None) is decoded[path], path
+        a, b = fast[index], slow[index]
+        assert a.shape == b.shape == (3, size, size) and a.dtype == torch.float32
+        difference = (a - b).abs()
+        assert float(difference.max()) <= ONE_LEVEL, path
+        assert float(difference.mean()) < 2e-3, path
+
+
+def test_torchvision_decoding_is_used_for_rgb_only(tmp_path: Path) -> None:
+    _save(Image.fromarray(_photo()), tmp_path / "img" / "a.jpg")
+    rgb, _ = load_data(tmp_path / "img", labelled=False, image=ImageOptions(size=8))
+    gray, _ = load_data(
+        tmp_path / "img",
+        labelled=False,
+        image=ImageOptions(size=8, channels=1, mean=(0.5,), std=(0.5,)),
+    )
+    assert rgb.tensor_transform is not None and gray.tensor_transform is None  # type: ignore[union-attr]
+    assert gray[0].shape == (1, 8, 8)
+    with pytest.raises(ValueError, match="Expected `decoder` to be 'torchvision' or 'pil'"):
+        ImageOptions(decoder="opencv")
+
+
+def test_pil_reads_what_torchvision_cannot(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torchvision.io
+
+    _save(Image.fromarray(_photo()), tmp_path / "img" / "a.jpg")
+    slow, _ = load_data(tmp_path / "img", labelled=False, image=ImageOptions(decoder="pil"))
+    fast, _ = load_data(tmp_path / "img", labelled=False)
+
+    def missing_extension(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("Couldn't load the image extension.")
+
+    monkeypatch.setattr(torchvision.io, "decode_image", missing_extension)
+    assert torch.equal(fast[0], slow[0])
+
+
+def test_broken_pixel_data_still_fails_clearly(tmp_path: Path) -> None:
+    blob = io.BytesIO()
+    Image.fromarray(_photo()).save(blob, format="JPEG")
+    root = tmp_path / "img"
+    root.mkdir()
+    (root / "cut.jpg").write_bytes(blob.getvalue()[: len(blob.getvalue()) // 2])
+    (root / "broken.png").write_bytes(b"\x89PNG garbage")
+    (root / "empty.jpg").write_bytes(b"")
+    dataset, info = load_data(root, labelled=False, image=ImageOptions(size=8))
+    assert (len(dataset), info.unreadable) == (1, 2)  # type: ignore[arg-type]
+    with pytest.raises(DataError, match=r"Cannot read image .*cut\.jpg: image file is truncated"):
+        dataset[0]

@@ -30,6 +30,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -190,9 +191,16 @@ class ImageFiles(Dataset[Any]):
         return x if self.labels is None else (x, self.labels[index])
 
     def _decode(self, path: Path) -> Optional[Tensor]:
-        """The image as RGB uint8 ``(3, H, W)``, or None to fall back to PIL."""
-        from torchvision.io import ImageReadMode, decode_image
+        """The image as RGB uint8 ``(3, H, W)``, or None to fall back to PIL.
 
+        torchvision 0.29 deprecated its image decoders in favour of TorchCodec (a warning on
+        every call, silenced here); should a release drop them, or its image extension fail to
+        load, every file simply goes through PIL.
+        """
+        try:
+            from torchvision.io import ImageReadMode, decode_image
+        except ImportError:  # pragma: no cover - a torchvision without image decoders
+            return None
         try:
             data = path.read_bytes()
         except OSError as error:
@@ -200,9 +208,11 @@ class ImageFiles(Dataset[Any]):
         if not data.startswith(_TORCHVISION_SIGNATURES):
             return None
         try:
-            image = decode_image(
-                torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB
-            )
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                image = decode_image(
+                    torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB
+                )
         except RuntimeError:  # broken pixel data: PIL reads it again and words the error
             return None
         return image if image.dtype == torch.uint8 else None  # 16-bit PNG: PIL's conversion
