@@ -22,6 +22,7 @@ from bnfix.cli.data import (
     load_data,
     make_loader,
     pin_memory_for,
+    share_cpus,
 )
 from bnfix.cli.program import build_parser
 from bnfix.cli.session import Dist, build_calib_loader, build_val_loader
@@ -199,6 +200,11 @@ def test_default_workers_follow_the_cpu_affinity(
     assert default_workers(batches) == expected
 
 
+def test_processes_on_one_machine_share_its_cpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    _cpus(monkeypatch, 8)
+    assert [default_workers(100, processes=n) for n in (1, 2, 4, 8)] == [7, 3, 1, 0]
+
+
 def test_default_workers_without_affinity_use_the_cpu_count(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -250,6 +256,52 @@ def test_cli_workers_option_overrides_and_tensor_files_load_in_process(
     assert build_calib_loader(args, Dist())[0].num_workers == 5
     npz = arrays(tmp_path / "d.npz", n=40)
     assert build_calib_loader(_args("--calib", npz), Dist())[0].num_workers == 0
+
+
+def test_torchrun_ranks_split_the_cpus(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = image_tree(tmp_path / "a", classes=2, per_class=6)
+    _cpus(monkeypatch, 8)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    args = _args("--calib", root, "--batch-size", "1")
+    assert build_calib_loader(args, Dist(rank=0, world=2))[0].num_workers == 3
+
+
+class _Loader:
+    def __init__(self, num_workers: int) -> None:
+        self.num_workers = num_workers
+
+
+@pytest.mark.parametrize(
+    ("cpus", "workers", "device", "before", "inside"),
+    [
+        (4, [1, 3], "cpu", 4, 1),  # the busiest loader counts
+        (4, [1, 0], "cpu", 4, 3),
+        (16, [2, 2], "cpu", 4, 4),  # never above what was set
+        (2, [1, None], "cpu", 2, 1),  # no --val loader
+        (2, [8], "cpu", 2, 1),  # at least one thread
+        (4, [0, 0], "cpu", 3, 3),  # no workers: left alone
+        (4, [3, 3], "cuda", 4, 4),  # the forward runs on the GPU
+    ],
+)
+def test_share_cpus_leaves_the_workers_their_cpus(
+    monkeypatch: pytest.MonkeyPatch,
+    cpus: int,
+    workers: list[Any],
+    device: str,
+    before: int,
+    inside: int,
+) -> None:
+    _cpus(monkeypatch, cpus)
+    threads = [before]
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads[-1])
+    monkeypatch.setattr(torch, "set_num_threads", threads.append)
+    loaders = [None if w is None else _Loader(w) for w in workers]
+    with share_cpus(loaders, torch.device(device)) as count:
+        assert count == threads[-1] == inside
+    assert threads[-1] == before
+    with pytest.raises(KeyError), share_cpus(loaders, torch.device(device)):
+        raise KeyError("the model failed")
+    assert threads[-1] == before
 
 
 @pytest.mark.parametrize(

@@ -27,11 +27,12 @@ sees the same batches, and every rank of a multi-process run agrees on it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
@@ -57,6 +58,7 @@ __all__ = [
     "load_data",
     "make_loader",
     "pin_memory_for",
+    "share_cpus",
     "tensor_transform",
 ]
 
@@ -424,8 +426,11 @@ def load_data(
     )
 
 
-def default_workers(batches: int) -> int:
+def default_workers(batches: int, *, processes: int = 1) -> int:
     """Loader processes for ``batches`` batches of images: one per CPU this process may use, less one.
+
+    ``processes`` is the number of processes sharing this machine's CPUs (torchrun's
+    ``LOCAL_WORLD_SIZE``): each gets its share of them.
 
     The CPU count comes from ``os.sched_getaffinity`` where it exists, since containers and
     ``taskset`` give a process fewer CPUs than ``os.cpu_count()`` reports. One CPU is left to the
@@ -433,11 +438,40 @@ def default_workers(batches: int) -> int:
     batches, since a worker without a batch to load only costs its start-up. A single CPU gets 0
     workers: loading in the main process is then as fast and starts nothing.
     """
+    return max(0, min(_cpus() // max(1, processes) - 1, MAX_WORKERS, batches))
+
+
+def _cpus() -> int:
     try:
-        cpus = len(os.sched_getaffinity(0))
+        return len(os.sched_getaffinity(0))
     except (AttributeError, OSError):  # macOS, Windows
-        cpus = os.cpu_count() or 1
-    return max(0, min(cpus - 1, MAX_WORKERS, batches))
+        return os.cpu_count() or 1
+
+
+@contextlib.contextmanager
+def share_cpus(loaders: Sequence[Any], device: torch.device) -> Iterator[int]:
+    """Run the model on the CPUs the loaders' workers leave free; restore the thread count after.
+
+    torch's intra-op pool has one thread per CPU by default; with loader workers decoding on
+    some of those CPUs, its threads wait on each other at every operator (oversubscription), and
+    the forward can get several times slower (``scripts/results/cli.md``: 6.9x the bare pass
+    instead of 1.7x on 2 CPUs). Loaders take turns (calibration, then validation), so the busiest
+    one counts. Only CPU runs are limited, and never above the thread count already set
+    (``OMP_NUM_THREADS``, ``torch.set_num_threads``).
+
+    Yields:
+        the intra-op thread count in force.
+    """
+    saved = torch.get_num_threads()
+    busy = max(
+        (getattr(loader, "num_workers", 0) for loader in loaders if loader is not None), default=0
+    )
+    threads = max(1, min(saved, _cpus() - busy)) if device.type == "cpu" and busy else saved
+    torch.set_num_threads(threads)
+    try:
+        yield threads
+    finally:
+        torch.set_num_threads(saved)
 
 
 def pin_memory_for(device: str | torch.device) -> bool:

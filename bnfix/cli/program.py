@@ -41,7 +41,7 @@ from bnfix.cli.arguments import (
     recalibrate_parser,
 )
 from bnfix.cli.checkpoint import Checkpoint, atomic_write, save_checkpoint
-from bnfix.cli.data import DataInfo
+from bnfix.cli.data import DataInfo, share_cpus
 from bnfix.cli.models import load_model, load_other_model
 from bnfix.cli.session import (
     BadInput,
@@ -110,11 +110,12 @@ def run_recalibrate(args: argparse.Namespace) -> int:
 
         model, checkpoint, calib, calib_info, val, val_info = dist.together(setup)
         comparison: Optional[Comparison] = None
-        if val is not None:
-            comparison = compare_planned(model, calib, val, plan)
-            report = comparison.report
-        else:
-            report = calibrate(model, calib, plan)
+        with share_cpus([calib, val], device):
+            if val is not None:
+                comparison = compare_planned(model, calib, val, plan)
+                report = comparison.report
+            else:
+                report = calibrate(model, calib, plan)
         if dist.rank != 0:
             return EXIT_OK
         return _finish(
