@@ -163,6 +163,7 @@ def in_process(argv: Sequence[str]) -> dict[str, float]:
 
     def first_iter(self: Any) -> Any:
         marks.setdefault("first", time.perf_counter())
+        marks["threads"] = torch.get_num_threads()
         return loader_iter(self)
 
     torch.utils.data.DataLoader.__iter__ = first_iter  # type: ignore[method-assign]
@@ -176,7 +177,7 @@ def in_process(argv: Sequence[str]) -> dict[str, float]:
     if code != 0 or "first" not in marks or "save" not in marks:
         raise RuntimeError(f"the CLI run failed (exit {code}) or was not timed: {marks}")
     work = marks["save"] - marks["first"]
-    return {"total": total, "build": marks["build"], "work": work}
+    return {"total": total, "build": marks["build"], "work": work, "threads": marks["threads"]}
 
 
 def wall(command: Sequence[str], threads: int | None) -> float:
@@ -312,6 +313,7 @@ def main() -> None:
             "total": [],
             "subprocess": [],
             "import": [],
+            "threads": [],
         }
         for _ in range(options.rounds):
             runs["bare"].append(bare_pass(argv))
@@ -322,43 +324,52 @@ def main() -> None:
         med = {k: statistics.median(v) for k, v in runs.items()}
         agreement = output_agreement(argv, options.image_size)
         decode = decoder_rows(root, options.image_size, options.decode_images)
+    render(options, workers, med, decode, agreement)
+
+
+def render(
+    options: argparse.Namespace,
+    workers: int,
+    med: dict[str, float],
+    decode: list[list[str]],
+    agreement: str,
+) -> None:
+    """Print the two markdown tables with the command and the setting."""
     command = "python scripts/bench_cli.py " + " ".join(sys.argv[1:])
     print(
         f"`{command.strip()}`: {options.calib} calib + {options.val} val JPEGs at "
         f"{options.source_size} px, model {options.arch} at {options.image_size} px, "
-        f"batch {options.batch_size}, {workers} worker(s), device {options.device}, "
-        f"{torch.get_num_threads()} torch threads; medians of {options.rounds} interleaved rounds\n"
+        f"batch {options.batch_size}, {workers} loader worker(s), device {options.device}, "
+        f"{med['threads']:.0f} torch thread(s) in the CLI's work; medians of {options.rounds} "
+        "interleaved rounds\n"
     )
-    print(
-        table(
-            [
-                "bare pass s",
-                "CLI work s",
-                "work / bare",
-                "start-up s (import + model build)",
-                "other in-process s",
-                "python -m bnfix s",
-            ],
-            [
-                [
-                    f"{med['bare']:.2f}",
-                    f"{med['work']:.2f}",
-                    f"{med['work'] / med['bare']:.2f}x",
-                    f"{med['import'] + med['build']:.2f} ({med['import']:.2f} + {med['build']:.2f})",
-                    f"{med['total'] - med['work'] - med['build']:.2f}",
-                    f"{med['subprocess']:.2f}",
-                ]
-            ],
-        )
-    )
-    print(
-        "\nDecoding + eval transform per image, one thread (ms); difference of normalized pixels:\n"
-    )
-    print(
-        table(
-            ["images", "PIL ms", "torchvision ms", "speed-up", "mean |diff|", "max |diff|"], decode
-        )
-    )
+    # The subprocess does all the in-process run does, plus the interpreter and every import.
+    startup = med["subprocess"] - (med["total"] - med["build"])
+    header = [
+        "bare pass s",
+        "CLI work s",
+        "work / bare",
+        "start-up s",
+        "of which import bnfix.cli s",
+        "model build s",
+        "other s (scan, probe, write)",
+        "python -m bnfix s",
+    ]
+    row = [
+        med["bare"],
+        med["work"],
+        med["work"] / med["bare"],
+        startup,
+        med["import"],
+        med["build"],
+        med["total"] - med["work"] - med["build"],
+        med["subprocess"],
+    ]
+    print(table(header, [[f"{v:.2f}" + ("x" if i == 2 else "") for i, v in enumerate(row)]]))
+    print("\nStart-up = `python -m bnfix` wall time less the in-process run's work and other.")
+    print("\nDecoding + eval transform per image, one thread (ms); normalized pixel difference:\n")
+    header = ["images", "PIL ms", "torchvision ms", "speed-up", "mean |diff|", "max |diff|"]
+    print(table(header, decode))
     print(f"\nThe benchmark model on val, PIL vs torchvision inputs: {agreement}")
 
 
