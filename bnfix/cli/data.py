@@ -15,9 +15,8 @@ files are decoded by ``torchvision.io`` and resized as uint8 tensors, which is f
 (``scripts/bench_cli.py``) and gives the same pixels up to one grey level after resizing (a mean
 absolute difference of about 3e-5 after normalization); everything else goes through PIL.
 
-Loaders start their worker processes once and keep them for every pass
-(``persistent_workers``), take the worker count from the CPUs this process may run on, and pin
-memory when batches go to a CUDA device.
+How the loaders run (workers, pinned memory, CPU threads, shards) is :mod:`bnfix.cli.loading`'s
+part; :func:`make_loader` and :class:`ShardSampler` are re-exported here.
 
 Order is always shuffled by a generator seeded with ``--seed``: ImageFolder order is sorted by
 class, and class-sorted batches bias every BN layer's batch statistics after the first (and the
@@ -27,20 +26,18 @@ sees the same batches, and every rank of a multi-process run agrees on it.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import math
-import os
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import Dataset
 
+from bnfix.cli.loading import ShardSampler, make_loader
 from bnfix.errors import BnfixError
 
 __all__ = [
@@ -52,21 +49,13 @@ __all__ = [
     "ImageOptions",
     "ShardSampler",
     "TensorData",
-    "batch_count",
-    "default_workers",
     "image_transform",
     "load_data",
     "make_loader",
-    "pin_memory_for",
-    "share_cpus",
     "tensor_transform",
 ]
 
 logger = logging.getLogger(__name__)
-
-#: Most loader processes :func:`default_workers` picks: beyond this, eval-style decoding of
-#: a validation set is rarely the bottleneck, and each worker holds a copy of the dataset.
-MAX_WORKERS = 8
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 TENSOR_SUFFIXES = (".npz", ".pt", ".pth")
@@ -245,25 +234,6 @@ class TensorData(Dataset[Any]):
 Data = Union[ImageFiles, TensorData]
 
 
-class ShardSampler(Sampler[int]):
-    """Indices ``rank, rank + world, ...``: a shard per rank, without padding.
-
-    ``DistributedSampler`` pads the shards to equal length by repeating samples (or drops the tail
-    with ``drop_last``), so the union of the shards is not the data set. Recalibration merges
-    unequal shards exactly, so the plain split gives the statistics of exactly the data one process
-    would see.
-    """
-
-    def __init__(self, length: int, rank: int, world_size: int) -> None:
-        self.indices = list(range(rank, length, world_size))
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __iter__(self) -> Any:
-        return iter(self.indices)
-
-
 def _readable(path: Path) -> bool:
     from PIL import Image, UnidentifiedImageError
 
@@ -424,96 +394,3 @@ def load_data(
     raise DataError(
         f"Expected {path} to be a folder of images or a .npz/.pt file, but it is a {path.suffix or 'suffix-less'} file"
     )
-
-
-def default_workers(batches: int, *, processes: int = 1) -> int:
-    """Loader processes for ``batches`` batches of images: one per CPU this process may use, less one.
-
-    ``processes`` is the number of processes sharing this machine's CPUs (torchrun's
-    ``LOCAL_WORLD_SIZE``): each gets its share of them.
-
-    The CPU count comes from ``os.sched_getaffinity`` where it exists, since containers and
-    ``taskset`` give a process fewer CPUs than ``os.cpu_count()`` reports. One CPU is left to the
-    main process, which runs the model; at most :data:`MAX_WORKERS`, and never more workers than
-    batches, since a worker without a batch to load only costs its start-up. A single CPU gets 0
-    workers: loading in the main process is then as fast and starts nothing.
-    """
-    return max(0, min(_cpus() // max(1, processes) - 1, MAX_WORKERS, batches))
-
-
-def _cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # macOS, Windows
-        return os.cpu_count() or 1
-
-
-@contextlib.contextmanager
-def share_cpus(loaders: Sequence[Any], device: torch.device) -> Iterator[int]:
-    """Run the model on the CPUs the loaders' workers leave free; restore the thread count after.
-
-    torch's intra-op pool has one thread per CPU by default; with loader workers decoding on
-    some of those CPUs, its threads wait on each other at every operator (oversubscription), and
-    the forward can get several times slower (``scripts/results/cli.md``: 6.9x the bare pass
-    instead of 1.7x on 2 CPUs). Loaders take turns (calibration, then validation), so the busiest
-    one counts. Only CPU runs are limited, and never above the thread count already set
-    (``OMP_NUM_THREADS``, ``torch.set_num_threads``).
-
-    Yields:
-        the intra-op thread count in force.
-    """
-    saved = torch.get_num_threads()
-    busy = max(
-        (getattr(loader, "num_workers", 0) for loader in loaders if loader is not None), default=0
-    )
-    threads = max(1, min(saved, _cpus() - busy)) if device.type == "cpu" and busy else saved
-    torch.set_num_threads(threads)
-    try:
-        yield threads
-    finally:
-        torch.set_num_threads(saved)
-
-
-def pin_memory_for(device: str | torch.device) -> bool:
-    """Whether loaders should pin memory: only when batches go to a CUDA device.
-
-    Pinned (page-locked) host memory lets the copy to the GPU run asynchronously; on a CPU run
-    pinning is pure cost (and warns when CUDA is absent). ``"auto"`` means CUDA when available,
-    as ``--device auto`` does.
-    """
-    if isinstance(device, str) and device == "auto":
-        return torch.cuda.is_available()
-    return torch.device(device).type == "cuda"
-
-
-def make_loader(
-    dataset: Data,
-    *,
-    batch_size: int,
-    workers: int = 0,
-    rank: int = 0,
-    world_size: int = 1,
-    pin_memory: bool = False,
-) -> DataLoader[Any]:
-    """A re-iterable loader over ``dataset`` (already shuffled), this rank's shard only.
-
-    With workers, they start on the first pass and stay for every later one
-    (``persistent_workers``): calibration and comparison read the same loader several times,
-    and restarting the workers each time would cost their start-up on every pass.
-    """
-    sampler = ShardSampler(len(dataset), rank, world_size) if world_size > 1 else None
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=False,
-        sampler=sampler,
-        num_workers=workers,
-        pin_memory=pin_memory,
-        persistent_workers=workers > 0,
-    )
-
-
-def batch_count(samples: int, batch_size: int, *, rank: int = 0, world_size: int = 1) -> int:
-    """Batches a :func:`make_loader` loader yields on ``rank``: ceil(shard size / batch size)."""
-    shard = len(range(rank, samples, world_size))
-    return math.ceil(shard / batch_size)

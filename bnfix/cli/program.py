@@ -41,7 +41,8 @@ from bnfix.cli.arguments import (
     recalibrate_parser,
 )
 from bnfix.cli.checkpoint import Checkpoint, atomic_write, save_checkpoint
-from bnfix.cli.data import DataInfo, share_cpus
+from bnfix.cli.data import DataInfo
+from bnfix.cli.loading import share_cpus
 from bnfix.cli.models import load_model, load_other_model
 from bnfix.cli.session import (
     BadInput,

@@ -19,15 +19,8 @@ from typing import Any, NoReturn, Optional, TypeVar
 import torch
 from torch import nn
 
-from bnfix.cli.data import (
-    DataInfo,
-    ImageOptions,
-    batch_count,
-    default_workers,
-    load_data,
-    make_loader,
-    pin_memory_for,
-)
+from bnfix.cli.data import DataInfo, ImageOptions, load_data
+from bnfix.cli.loading import batch_count, default_workers, make_loader, pin_memory_for
 
 __all__ = [
     "BadInput",
