@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 import torch
-from cli_fixtures import arrays, image_tree
+from cli_fixtures import TinyNet, arrays, image_tree, run_cli
 
 from bnfix.cli.data import load_data
 from bnfix.cli.loading import (
@@ -96,8 +96,8 @@ def test_cli_workers_option_overrides_and_tensor_files_load_in_process(
 ) -> None:
     root = image_tree(tmp_path / "a", classes=1, per_class=4)
     _cpus(monkeypatch, 4)
-    args = _args("--calib", root, "--workers", "5", "--batch-size", "2")
-    assert build_calib_loader(args, Dist())[0].num_workers == 5
+    args = _args("--calib", root, "--workers", "3", "--batch-size", "2")
+    assert build_calib_loader(args, Dist())[0].num_workers == 3  # the default: 2 batches, 2
     npz = arrays(tmp_path / "d.npz", n=40)
     assert build_calib_loader(_args("--calib", npz), Dist())[0].num_workers == 0
 
@@ -187,3 +187,32 @@ def test_workers_start_once_for_every_pass(tmp_path: Path) -> None:
     assert second_pass is first_pass and [w.pid for w in second_pass._workers] == pids  # type: ignore[attr-defined]
     assert first == second and len(first) == 3
     del first_pass, second_pass, loader  # shuts the worker down
+
+
+def test_recalibrate_runs_the_model_on_the_cpus_the_workers_leave(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import bnfix.cli.program as program
+
+    _cpus(monkeypatch, 2)
+    torch.set_num_threads(2)
+    seen: list[int] = []
+    original = program.compare_planned
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        seen.append(torch.get_num_threads())
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(program, "compare_planned", spy)
+    (tmp_path / "net.py").write_text(
+        "from cli_fixtures import TinyNet\ndef build(num_classes=4):\n    return TinyNet(num_classes)\n"
+    )
+    torch.save(TinyNet(num_classes=2).state_dict(), tmp_path / "tiny.pt")
+    root = image_tree(tmp_path / "img", classes=2, per_class=2)
+    code, _, err = run_cli(
+        "recalibrate", tmp_path / "tiny.pt", "--model", f"{tmp_path / 'net.py'}:build",
+        "--num-classes", "2", "--calib", root, "--val", root, "--image-size", "8",
+        "--batch-size", "2", "--workers", "1", "--device", "cpu", "--dry-run", "--quiet",
+    )  # fmt: skip
+    assert code == 0, err
+    assert seen == [1] and torch.get_num_threads() == 2  # 2 CPUs - 1 worker, then restored

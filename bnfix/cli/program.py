@@ -211,8 +211,9 @@ def run_diagnose(args: argparse.Namespace) -> int:
         "device": device,
         "progress": not args.quiet and sys.stderr.isatty(),
     }
-    diagnosis = bnfix.diagnose(model, data, **options)
-    theirs = bnfix.diagnose(other, data, **options) if other is not None else None
+    with share_cpus([data, reference], device):
+        diagnosis = bnfix.diagnose(model, data, **options)
+        theirs = bnfix.diagnose(other, data, **options) if other is not None else None
     labels = [Path(args.checkpoint).name, Path(args.compare_to or "").name]
     if labels[0] == labels[1]:
         labels = [str(args.checkpoint), str(args.compare_to)]
