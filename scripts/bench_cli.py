@@ -19,7 +19,9 @@ work ``python -m bnfix recalibrate`` does after start-up (calibration plus compa
   ``import bnfix.cli`` alone (``python -c "import bnfix.cli"``): the start-up is that import
   time plus the model build.
 
-Rounds are interleaved (a, b, c, import in each round) and the tables give medians. A second table
+Rounds are interleaved (a, b, c, import in each round) and the tables give medians. The CLI
+runs its work on the CPUs its loader workers leave free (``bnfix.cli.loading.share_cpus``);
+``--threads N`` caps torch's threads further (``OMP_NUM_THREADS`` for the subprocesses). A second table
 compares the decoders one image at a time in one thread (as a loader worker runs): PIL
 (``Image.open().convert("RGB")`` + torchvision transforms) against ``torchvision.io.decode_image``
 + uint8 tensor transforms, on 256 px JPEGs, with the difference of the normalized pixels and of the
@@ -368,7 +370,7 @@ def render(
     print(table(header, [[f"{v:.2f}" + ("x" if i == 2 else "") for i, v in enumerate(row)]]))
     print("\nStart-up = `python -m bnfix` wall time less the in-process run's work and other.")
     print("\nDecoding + eval transform per image, one thread (ms); normalized pixel difference:\n")
-    header = ["images", "PIL ms", "torchvision ms", "speed-up", "mean |diff|", "max |diff|"]
+    header = ["images", "PIL ms", "torchvision ms", "speed-up", "mean abs diff", "max abs diff"]
     print(table(header, decode))
     print(f"\nThe benchmark model on val, PIL vs torchvision inputs: {agreement}")
 
