@@ -17,6 +17,7 @@ from bnfix.cli.loading import (
     default_workers,
     make_loader,
     pin_memory_for,
+    process_cpus,
     share_cpus,
 )
 from bnfix.cli.program import build_parser
@@ -29,6 +30,7 @@ def _one_thread() -> None:
 
 
 def _cpus(monkeypatch: pytest.MonkeyPatch, n: int) -> None:
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(n)), raising=False)
     monkeypatch.setattr(os, "cpu_count", lambda: 64)  # affinity wins over the machine's count
 
@@ -44,14 +46,19 @@ def test_default_workers_follow_the_cpu_affinity(
     assert default_workers(batches) == expected
 
 
-def test_processes_on_one_machine_share_its_cpus(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(("local", "cpus"), [("1", 8), ("2", 4), ("4", 2), ("8", 1), ("16", 1)])
+def test_torchrun_processes_on_one_machine_share_its_cpus(
+    monkeypatch: pytest.MonkeyPatch, local: str, cpus: int
+) -> None:
     _cpus(monkeypatch, 8)
-    assert [default_workers(100, processes=n) for n in (1, 2, 4, 8)] == [7, 3, 1, 0]
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", local)
+    assert process_cpus() == cpus and default_workers(100) == cpus - 1
 
 
 def test_default_workers_without_affinity_use_the_cpu_count(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     monkeypatch.delattr(os, "sched_getaffinity", raising=False)
     monkeypatch.setattr(os, "cpu_count", lambda: 4)
     assert default_workers(100) == 3
@@ -146,6 +153,21 @@ def test_share_cpus_leaves_the_workers_their_cpus(
     with pytest.raises(KeyError), share_cpus(loaders, torch.device(device)):
         raise KeyError("the model failed")
     assert threads[-1] == before
+
+
+def test_share_cpus_under_torchrun_counts_this_process_share(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    _cpus(monkeypatch, 8)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    saved = torch.get_num_threads()
+    torch.set_num_threads(8)
+    try:
+        with share_cpus([_Loader(1)], torch.device("cpu")) as threads:
+            assert threads == torch.get_num_threads() == 3  # 8 / 2 processes - 1 worker
+        assert torch.get_num_threads() == 8
+    finally:
+        torch.set_num_threads(saved)
 
 
 @pytest.mark.parametrize(

@@ -24,6 +24,7 @@ __all__ = [
     "default_workers",
     "make_loader",
     "pin_memory_for",
+    "process_cpus",
     "share_cpus",
 ]
 
@@ -51,26 +52,33 @@ class ShardSampler(Sampler[int]):
         return iter(self.indices)
 
 
-def default_workers(batches: int, *, processes: int = 1) -> int:
-    """Loader processes for ``batches`` batches of images: one per CPU this process may use, less one.
+def default_workers(batches: int) -> int:
+    """Loader processes for ``batches`` batches of images: one per CPU of this process, less one.
 
-    ``processes`` is the number of processes sharing this machine's CPUs (torchrun's
-    ``LOCAL_WORLD_SIZE``): each gets its share of them.
-
-    The CPU count comes from ``os.sched_getaffinity`` where it exists, since containers and
-    ``taskset`` give a process fewer CPUs than ``os.cpu_count()`` reports. One CPU is left to the
-    main process, which runs the model; at most :data:`MAX_WORKERS`, and never more workers than
-    batches, since a worker without a batch to load only costs its start-up. A single CPU gets 0
-    workers: loading in the main process is then as fast and starts nothing.
+    One CPU is left to the main process, which runs the model; at most :data:`MAX_WORKERS`, and
+    never more workers than batches, since a worker without a batch to load only costs its
+    start-up. A single CPU gets 0 workers: loading in the main process is then as fast and
+    starts nothing.
     """
-    return max(0, min(_cpus() // max(1, processes) - 1, MAX_WORKERS, batches))
+    return max(0, min(process_cpus() - 1, MAX_WORKERS, batches))
 
 
-def _cpus() -> int:
+def process_cpus() -> int:
+    """The CPUs this process may use, shared with the other processes of a torchrun job here.
+
+    ``os.sched_getaffinity`` where it exists, since containers and ``taskset`` give a process
+    fewer CPUs than ``os.cpu_count()`` reports; divided among the ``LOCAL_WORLD_SIZE``
+    processes torchrun starts on this machine. At least 1.
+    """
     try:
-        return len(os.sched_getaffinity(0))
+        cpus = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):  # macOS, Windows
-        return os.cpu_count() or 1
+        cpus = os.cpu_count() or 1
+    try:
+        processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        processes = 1
+    return max(1, cpus // processes)
 
 
 @contextlib.contextmanager
@@ -91,7 +99,7 @@ def share_cpus(loaders: Sequence[Any], device: torch.device) -> Iterator[int]:
     busy = max(
         (getattr(loader, "num_workers", 0) for loader in loaders if loader is not None), default=0
     )
-    threads = max(1, min(saved, _cpus() - busy)) if device.type == "cpu" and busy else saved
+    threads = max(1, min(saved, process_cpus() - busy)) if device.type == "cpu" and busy else saved
     torch.set_num_threads(threads)
     try:
         yield threads

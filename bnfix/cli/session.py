@@ -195,13 +195,9 @@ def num_batches(args: argparse.Namespace) -> Any:
 
 
 def _workers(args: argparse.Namespace, info: DataInfo, batches: int) -> int:
-    """--workers, or for images one per CPU less one (at most 8, at most ``batches``); tensors: 0.
-
-    Under torchrun the processes on this machine (LOCAL_WORLD_SIZE) share its CPUs.
-    """
+    """--workers, or for images one per CPU less one (at most 8, at most ``batches``); tensors: 0."""
     if args.workers is None:
-        processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-        return default_workers(batches, processes=processes) if info.kind == "images" else 0
+        return default_workers(batches) if info.kind == "images" else 0
     if args.workers < 0:
         fail(f"Expected --workers to be >= 0, but got {args.workers}")
     return int(args.workers)
