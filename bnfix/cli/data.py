@@ -125,7 +125,7 @@ def tensor_transform(options: ImageOptions) -> Callable[[Tensor], Tensor]:
 
     Resizing stays in uint8 with ``antialias=True``, torchvision's vectorized path that follows
     PIL's bilinear filter; its pixels differ from PIL's by at most one grey level (rounding), a
-    mean absolute difference of about 3e-5 after normalization on photographs-like JPEGs
+    mean absolute difference of about 3e-5 after normalization on photograph-like JPEGs
     (``scripts/bench_cli.py``), far below what moves a BN statistic or a top-1 decision.
     """
     from torchvision.transforms.v2 import functional as F
