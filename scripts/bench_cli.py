@@ -67,7 +67,7 @@ from torch import nn
 
 def tiny(num_classes: int = 10) -> nn.Module:
     return nn.Sequential(
-        nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(3, 8, 4, stride=4), nn.BatchNorm2d(8), nn.ReLU(),
         nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, num_classes),
     )
@@ -120,6 +120,36 @@ def bare_pass(argv: Sequence[str]) -> float:
     seconds = time.perf_counter() - start
     del calib, val  # stops the persistent workers
     return seconds
+
+
+def forwards(argv: Sequence[str], threads: int) -> float:
+    """Seconds for one train-mode forward per calib and val batch on random inputs (no loading).
+
+    What one pass costs the model alone, with the thread count of the CLI's work: when it is
+    small next to the bare pass, decoding dominates, as the benchmark intends.
+    """
+    from bnfix.cli.models import load_model
+
+    args = build_parser().parse_args(list(argv))
+    device = torch.device(args.device)
+    model, _ = load_model(args, device)
+    model.train()
+    sizes = [args.batch_size] * (len(build_calib_loader(args, Dist())[0]))
+    sizes += [args.batch_size] * len(build_val_loader(args)[0])
+    x = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.no_grad():
+            model(x)
+            start = time.perf_counter()
+            for _ in sizes:
+                model(x)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            return time.perf_counter() - start
+    finally:
+        torch.set_num_threads(saved)
 
 
 @contextlib.contextmanager
@@ -316,11 +346,13 @@ def main() -> None:
             "subprocess": [],
             "import": [],
             "threads": [],
+            "forwards": [],
         }
         for _ in range(options.rounds):
             runs["bare"].append(bare_pass(argv))
             for key, value in in_process(argv).items():
                 runs[key].append(value)
+            runs["forwards"].append(forwards(argv, int(runs["threads"][-1])))
             runs["subprocess"].append(wall([sys.executable, "-m", "bnfix", *argv], options.threads))
             runs["import"].append(wall([sys.executable, "-c", "import bnfix.cli"], options.threads))
         med = {k: statistics.median(v) for k, v in runs.items()}
@@ -349,6 +381,7 @@ def render(
     startup = med["subprocess"] - (med["total"] - med["build"])
     header = [
         "bare pass s",
+        "model alone s",
         "CLI work s",
         "work / bare",
         "start-up s",
@@ -359,6 +392,7 @@ def render(
     ]
     row = [
         med["bare"],
+        med["forwards"],
         med["work"],
         med["work"] / med["bare"],
         startup,
@@ -367,8 +401,11 @@ def render(
         med["total"] - med["work"] - med["build"],
         med["subprocess"],
     ]
-    print(table(header, [[f"{v:.2f}" + ("x" if i == 2 else "") for i, v in enumerate(row)]]))
-    print("\nStart-up = `python -m bnfix` wall time less the in-process run's work and other.")
+    print(table(header, [[f"{v:.2f}" + ("x" if i == 3 else "") for i, v in enumerate(row)]]))
+    print(
+        "\nModel alone = one train-mode forward per calib and val batch on random inputs. "
+        "Start-up = `python -m bnfix` wall time less the in-process run's work and other."
+    )
     print("\nDecoding + eval transform per image, one thread (ms); normalized pixel difference:\n")
     header = ["images", "PIL ms", "torchvision ms", "speed-up", "mean abs diff", "max abs diff"]
     print(table(header, decode))
