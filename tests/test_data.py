@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import io
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -8,7 +10,7 @@ import torch
 from cli_fixtures import arrays, image_tree
 from PIL import Image
 
-from bnfix.cli.data import DataError, ImageOptions, ShardSampler, load_data, make_loader
+from bnfix.cli.data import DataError, ImageFiles, ImageOptions, ShardSampler, load_data, make_loader
 
 SMALL = ImageOptions(size=16, resize=18)
 
@@ -162,3 +164,106 @@ def test_loader_is_reiterable_with_the_same_batches(tmp_path: Path) -> None:
     loader = make_loader(dataset, batch_size=4)
     first, second = [b[1].tolist() for b in loader], [b[1].tolist() for b in loader]
     assert first == second and [len(b) for b in first] == [4, 4, 2]
+
+
+# --- decoding: torchvision.io for JPEG/PNG, PIL for the rest --------------------------------------
+
+# One grey level after normalization by the smallest std: resized uint8 pixels of the tensor
+# path and of PIL differ by rounding only (measured: mean 3e-5 on 256 px JPEGs, max one level).
+ONE_LEVEL = 1 / 255 / min(ImageOptions.std) + 1e-6
+
+
+def _photo(height: int = 50, width: int = 70, seed: int = 0) -> np.ndarray:
+    """Smooth gradients plus noise: JPEG-like content, not pure noise."""
+    yy, xx = np.mgrid[0:height, 0:width]
+    rng = np.random.default_rng(seed)
+    pixels = np.stack([xx * 3 + yy, yy * 4 + 20, (xx + yy) * 2], axis=-1) % 256
+    return np.clip(pixels + rng.normal(0, 15, pixels.shape), 0, 255).astype(np.uint8)
+
+
+def _save(image: Image.Image, path: Path, **options: Any) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, **options)
+    return path
+
+
+def _image_kinds(root: Path) -> dict[str, tuple[Path, bool]]:
+    """name -> (file, decoded by torchvision)."""
+    rgb = Image.fromarray(_photo())
+    wide16 = (_photo()[..., 0].astype(np.uint16) * 257).astype(np.uint16)
+    return {
+        "jpeg": (_save(rgb, root / "rgb.jpg", quality=90), True),
+        "grayscale jpeg": (_save(rgb.convert("L"), root / "gray.jpeg"), True),
+        "cmyk jpeg": (_save(rgb.convert("CMYK"), root / "cmyk.jpg"), True),
+        "png with alpha": (
+            _save(Image.fromarray(np.dstack([_photo(), _photo(seed=1)[..., 0]])), root / "a.png"),
+            True,
+        ),
+        "palette png": (_save(rgb.convert("P"), root / "p.png"), True),
+        "grayscale png": (_save(rgb.convert("L"), root / "l.png"), True),
+        "png named .jpg": (_save(rgb, root / "png.jpg", format="PNG"), True),
+        "16-bit png": (_save(Image.fromarray(wide16), root / "w16.png"), False),
+        "bmp": (_save(rgb, root / "b.bmp"), False),
+    }
+
+
+@pytest.mark.parametrize("size", [32, 64])
+def test_torchvision_decoding_matches_pil_within_one_grey_level(tmp_path: Path, size: int) -> None:
+    kinds = _image_kinds(tmp_path / "img")
+    options = ImageOptions(size=size)
+    fast, _ = load_data(tmp_path / "img", labelled=False, image=options)
+    slow, _ = load_data(
+        tmp_path / "img", labelled=False, image=ImageOptions(size=size, decoder="pil")
+    )
+    assert isinstance(fast, ImageFiles) and isinstance(slow, ImageFiles)
+    assert fast.files == slow.files
+    decoded = {path: tv for path, tv in kinds.values()}
+    for index, path in enumerate(fast.files):
+        assert (fast._decode(path) is not None) is decoded[path], path
+        a, b = fast[index], slow[index]
+        assert a.shape == b.shape == (3, size, size) and a.dtype == torch.float32
+        difference = (a - b).abs()
+        assert float(difference.max()) <= ONE_LEVEL, path
+        assert float(difference.mean()) < 2e-3, path
+
+
+def test_torchvision_decoding_is_used_for_rgb_only(tmp_path: Path) -> None:
+    _save(Image.fromarray(_photo()), tmp_path / "img" / "a.jpg")
+    rgb, _ = load_data(tmp_path / "img", labelled=False, image=ImageOptions(size=8))
+    gray, _ = load_data(
+        tmp_path / "img",
+        labelled=False,
+        image=ImageOptions(size=8, channels=1, mean=(0.5,), std=(0.5,)),
+    )
+    assert rgb.tensor_transform is not None and gray.tensor_transform is None  # type: ignore[union-attr]
+    assert gray[0].shape == (1, 8, 8)
+    with pytest.raises(ValueError, match="Expected `decoder` to be 'torchvision' or 'pil'"):
+        ImageOptions(decoder="opencv")
+
+
+def test_pil_reads_what_torchvision_cannot(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torchvision.io
+
+    _save(Image.fromarray(_photo()), tmp_path / "img" / "a.jpg")
+    slow, _ = load_data(tmp_path / "img", labelled=False, image=ImageOptions(decoder="pil"))
+    fast, _ = load_data(tmp_path / "img", labelled=False)
+
+    def missing_extension(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("Couldn't load the image extension.")
+
+    monkeypatch.setattr(torchvision.io, "decode_image", missing_extension)
+    assert torch.equal(fast[0], slow[0])
+
+
+def test_broken_pixel_data_still_fails_clearly(tmp_path: Path) -> None:
+    blob = io.BytesIO()
+    Image.fromarray(_photo()).save(blob, format="JPEG")
+    root = tmp_path / "img"
+    root.mkdir()
+    (root / "cut.jpg").write_bytes(blob.getvalue()[: len(blob.getvalue()) // 2])
+    (root / "broken.png").write_bytes(b"\x89PNG garbage")
+    (root / "empty.jpg").write_bytes(b"")
+    dataset, info = load_data(root, labelled=False, image=ImageOptions(size=8))
+    assert (len(dataset), info.unreadable) == (1, 2)  # type: ignore[arg-type]
+    with pytest.raises(DataError, match=r"Cannot read image .*cut\.jpg: image file is truncated"):
+        dataset[0]

@@ -124,7 +124,7 @@ def add_data_options(
         "--workers",
         metavar="N",
         type=int,
-        help="loader processes (default: 4 for images, 0 for tensor files)",
+        help="loader processes (default for images: CPUs - 1, at most 8; 0 for tensor files)",
     )
     group.add_argument(
         "--seed", metavar="N", type=int, default=0, help="seeds the shuffle (default: 0)"

@@ -26,6 +26,7 @@ from bnfix.cli.arguments import (
 from bnfix.cli.errors import EXIT_OK, fail
 from bnfix.cli.inputs import diagnose_outputs, num_batches, resolve_device
 from bnfix.cli.loaders import build_loader, probe, small_images_note
+from bnfix.cli.loading import share_cpus
 from bnfix.cli.models import load_model, load_other_model
 from bnfix.cli.output import Output, save_plot, writes
 from bnfix.diagnosis.result import Diagnosis
@@ -106,8 +107,9 @@ def run(args: argparse.Namespace) -> int:
         "device": device,
         "progress": not args.quiet and sys.stderr.isatty(),
     }
-    diagnosis = bnfix.diagnose(model, data, **options)
-    theirs = bnfix.diagnose(other, data, **options) if other is not None else None
+    with share_cpus([data, reference], device):
+        diagnosis = bnfix.diagnose(model, data, **options)
+        theirs = bnfix.diagnose(other, data, **options) if other is not None else None
     labels = [Path(args.checkpoint).name, Path(args.compare_to or "").name]
     if labels[0] == labels[1]:
         labels = [str(args.checkpoint), str(args.compare_to)]

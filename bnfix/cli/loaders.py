@@ -16,9 +16,10 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from bnfix.cli.data import DataInfo, ImageFiles, ImageOptions, load_data, make_loader
+from bnfix.cli.data import DataInfo, ImageFiles, ImageOptions, load_data
 from bnfix.cli.errors import fail, first_line
 from bnfix.cli.inputs import num_batches
+from bnfix.cli.loading import batch_count, default_workers, make_loader, pin_memory_for
 from bnfix.cli.processes import Dist
 
 __all__ = [
@@ -67,9 +68,10 @@ def image_options(args: argparse.Namespace) -> ImageOptions:
     return ImageOptions(size, args.resize, mean, std, channels)
 
 
-def _workers(args: argparse.Namespace, info: DataInfo) -> int:
+def _workers(args: argparse.Namespace, info: DataInfo, batches: int) -> int:
+    """--workers, or for images one per CPU less one (at most 8, at most ``batches``); tensors: 0."""
     if args.workers is None:
-        return min(4, os.cpu_count() or 1) if info.kind == "images" else 0
+        return default_workers(batches) if info.kind == "images" else 0
     if args.workers < 0:
         fail(f"Expected --workers to be >= 0, but got {args.workers}")
     return int(args.workers)
@@ -86,12 +88,14 @@ def build_calib_loader(args: argparse.Namespace, dist: Dist) -> tuple[Any, DataI
         fail(
             f"--calib {args.calib} has {len(dataset)} sample(s), fewer than the {dist.world} processes"
         )
+    shard = batch_count(len(dataset), args.batch_size, rank=dist.rank, world_size=dist.world)
     loader = make_loader(
         dataset,
         batch_size=args.batch_size,
-        workers=_workers(args, info),
+        workers=_workers(args, info, shard),
         rank=dist.rank,
         world_size=dist.world,
+        pin_memory=pin_memory_for(args.device),
     )
     return loader, info
 
@@ -103,7 +107,13 @@ def build_loader(
     dataset, info = load_data(
         path, labelled=labelled, limit=limit, seed=args.seed, image=image_options(args)
     )
-    return make_loader(dataset, batch_size=args.batch_size, workers=_workers(args, info)), info
+    loader = make_loader(
+        dataset,
+        batch_size=args.batch_size,
+        workers=_workers(args, info, batch_count(len(dataset), args.batch_size)),
+        pin_memory=pin_memory_for(args.device),
+    )
+    return loader, info
 
 
 def build_val_loader(args: argparse.Namespace) -> tuple[Any, Optional[DataInfo]]:

@@ -32,6 +32,7 @@ from bnfix.cli.data import DataInfo
 from bnfix.cli.errors import EXIT_DECLINED, EXIT_OK, fail
 from bnfix.cli.inputs import num_batches, output_paths, parse_momentum, parse_tol, resolve_device
 from bnfix.cli.loaders import build_calib_loader, build_val_loader, probe, small_images_note
+from bnfix.cli.loading import share_cpus
 from bnfix.cli.models import load_model
 from bnfix.cli.output import Output, writes
 from bnfix.cli.processes import Dist, init_distributed
@@ -180,15 +181,15 @@ def run(args: argparse.Namespace) -> int:
             fail(str(error))
         inputs = dist.together(lambda: _load(args, device, dist, out))
         comparison: Optional[Comparison] = None
-        if inputs.val is not None:
-            # Passed only when given: otherwise the library default (-100; 255 for dense targets).
-            given: dict[str, Any] = {}
-            if args.ignore_index:
-                given["ignore_index"] = tuple(args.ignore_index)
-            comparison = compare_planned(inputs.model, inputs.calib, inputs.val, plan, **given)
-            report = comparison.report
-        else:
-            report = calibrate(inputs.model, inputs.calib, plan)
+        with share_cpus([inputs.calib, inputs.val], device):
+            if inputs.val is not None:
+                ignore = tuple(args.ignore_index) if args.ignore_index else None  # None: -100, 255
+                comparison = compare_planned(
+                    inputs.model, inputs.calib, inputs.val, plan, ignore_index=ignore
+                )
+                report = comparison.report
+            else:
+                report = calibrate(inputs.model, inputs.calib, plan)
         if dist.rank != 0:
             return EXIT_OK
         return _finish(args, inputs, Outcome(report, comparison, out, report_path))
