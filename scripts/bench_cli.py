@@ -20,7 +20,7 @@ work ``python -m bnfix recalibrate`` does after start-up (calibration plus compa
   time plus the model build.
 
 Rounds are interleaved (a, b, c, import in each round) and the tables give medians. The CLI
-runs its work on the CPUs its loader workers leave free (``bnfix.cli.loading.share_cpus``);
+runs its work on the CPUs its loader workers leave free (``bnfix.cli.workers.share_cpus``);
 ``--threads N`` caps torch's threads further (``OMP_NUM_THREADS`` for the subprocesses). A second table
 compares the decoders one image at a time in one thread (as a loader worker runs): PIL
 (``Image.open().convert("RGB")`` + torchvision transforms) against ``torchvision.io.decode_image``

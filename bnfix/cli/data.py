@@ -15,7 +15,7 @@ files are decoded by ``torchvision.io`` and resized as uint8 tensors, which is f
 (``scripts/bench_cli.py``) and gives the same pixels up to one grey level after resizing (a mean
 absolute difference of about 3e-5 after normalization); everything else goes through PIL.
 
-How the loaders run (workers, pinned memory, CPU threads, shards) is :mod:`bnfix.cli.loading`'s
+How the loaders run (workers, pinned memory, CPU threads, shards) is :mod:`bnfix.cli.workers`'s
 part; :func:`make_loader` and :class:`ShardSampler` are re-exported here.
 
 Order is always shuffled by a generator seeded with ``--seed``: ImageFolder order is sorted by
@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from bnfix.cli.loading import ShardSampler, make_loader
+from bnfix.cli.workers import ShardSampler, make_loader
 from bnfix.errors import BnfixError
 
 __all__ = [

@@ -26,9 +26,9 @@ from bnfix.cli.arguments import (
 from bnfix.cli.errors import EXIT_OK, fail
 from bnfix.cli.inputs import diagnose_outputs, num_batches, resolve_device
 from bnfix.cli.loaders import build_loader, probe, small_images_note
-from bnfix.cli.loading import share_cpus
 from bnfix.cli.models import load_model, load_other_model
 from bnfix.cli.output import Output, save_plot, writes
+from bnfix.cli.workers import share_cpus
 from bnfix.diagnosis.result import Diagnosis
 
 __all__ = ["add_parser", "run"]

@@ -19,8 +19,8 @@ from torch import nn
 from bnfix.cli.data import DataInfo, ImageFiles, ImageOptions, load_data
 from bnfix.cli.errors import fail, first_line
 from bnfix.cli.inputs import num_batches
-from bnfix.cli.loading import batch_count, default_workers, make_loader, pin_memory_for
 from bnfix.cli.processes import Dist
+from bnfix.cli.workers import batch_count, default_workers, make_loader, pin_memory_for
 
 __all__ = [
     "build_calib_loader",

@@ -32,10 +32,10 @@ from bnfix.cli.data import DataInfo
 from bnfix.cli.errors import EXIT_DECLINED, EXIT_OK, fail
 from bnfix.cli.inputs import num_batches, output_paths, parse_momentum, parse_tol, resolve_device
 from bnfix.cli.loaders import build_calib_loader, build_val_loader, probe, small_images_note
-from bnfix.cli.loading import share_cpus
 from bnfix.cli.models import load_model
 from bnfix.cli.output import Output, writes
 from bnfix.cli.processes import Dist, init_distributed
+from bnfix.cli.workers import share_cpus
 from bnfix.evaluation import compare_planned
 from bnfix.layers import select_layers, unwrap
 from bnfix.plan import Plan

@@ -1,4 +1,4 @@
-"""How the command line's loaders run on this machine: workers, pinned memory, CPU threads, shards.
+"""How the command line's loaders use this machine: workers, pinned memory, CPU threads, shards.
 
 Decisions, not data: :mod:`bnfix.cli.data` makes the datasets, this module sizes the
 ``DataLoader`` around them. Images are decoded in worker processes, one per CPU this process may

@@ -1,4 +1,4 @@
-"""Loader defaults of the command line: workers, pinned memory, CPU threads (bnfix.cli.loading)."""
+"""Loader defaults of the command line: workers, pinned memory, CPU threads (bnfix.cli.workers)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,9 @@ from cli_fixtures import TinyNet, arrays, image_tree, run_cli
 
 from bnfix.cli.data import load_data
 from bnfix.cli.loaders import build_calib_loader, build_val_loader
-from bnfix.cli.loading import (
+from bnfix.cli.processes import Dist
+from bnfix.cli.program import build_parser
+from bnfix.cli.workers import (
     batch_count,
     default_workers,
     make_loader,
@@ -21,8 +23,6 @@ from bnfix.cli.loading import (
     process_cpus,
     share_cpus,
 )
-from bnfix.cli.processes import Dist
-from bnfix.cli.program import build_parser
 
 
 @pytest.fixture(autouse=True)
