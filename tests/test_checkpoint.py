@@ -16,10 +16,10 @@ from bnfix.cli.checkpoint import (
     STATE_DICT_KEYS,
     CheckpointError,
     apply_state_dict,
-    atomic_write,
     load_checkpoint,
     save_checkpoint,
 )
+from bnfix.cli.files import atomic_write
 
 
 class Opaque:
@@ -27,11 +27,6 @@ class Opaque:
 
     def __init__(self) -> None:
         self.value = 1
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> None:
-    torch.set_num_threads(1)
 
 
 def tiny_state(seed: int = 0) -> OrderedDict[str, torch.Tensor]:
@@ -221,6 +216,34 @@ def test_dtypes_and_other_entries_preserved(tmp_path: Path) -> None:
     for key in state:
         if "running" not in key and "num_batches" not in key:
             assert torch.equal(out["model"][key], state[key])
+
+
+class SharedBN(nn.Module):
+    """One BN module registered under two names: the state_dict holds its buffers twice."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+        self.bn = nn.BatchNorm2d(4)
+        self.alias = self.bn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.conv(x))
+
+
+def test_a_shared_bn_module_is_written_under_every_name(tmp_path: Path) -> None:
+    torch.save(SharedBN().state_dict(), tmp_path / "c.pt")
+    checkpoint = load_checkpoint(tmp_path / "c.pt")
+    model = SharedBN()
+    apply_state_dict(model, checkpoint)
+    with torch.no_grad():
+        model.bn.running_mean.fill_(0.5)
+        model.bn.running_var.fill_(2.0)
+    save_checkpoint(model, checkpoint, tmp_path / "out.pt")
+    out = torch.load(tmp_path / "out.pt", weights_only=True)
+    for name in ("bn", "alias"):
+        assert torch.equal(out[f"{name}.running_mean"], torch.full((4,), 0.5)), name
+        assert torch.equal(out[f"{name}.running_var"], torch.full((4,), 2.0)), name
 
 
 def test_atomic_write_leaves_nothing_on_failure(tmp_path: Path) -> None:

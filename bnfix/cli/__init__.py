@@ -2,8 +2,9 @@
 
 One module per command (:mod:`~bnfix.cli.recalibrate`, :mod:`~bnfix.cli.diagnose`,
 :mod:`~bnfix.cli.demo`), each with ``add_parser()`` and ``run(args)``; :mod:`bnfix.cli.program`
-parses the options and runs them. Importing this package imports nothing more, so that Ctrl-C
-while the command line starts is answered with one line (:func:`main`).
+parses the options and runs them. :func:`main` imports the commands under a Ctrl-C handler, so an
+interrupt while they load is answered with one line (``bnfix/__init__.py`` does the same for the
+torch import that precedes it under ``python -m bnfix``).
 """
 
 from __future__ import annotations

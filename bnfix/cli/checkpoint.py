@@ -20,17 +20,17 @@ from __future__ import annotations
 
 import os
 import pickle
-import tempfile
 from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
 
 from bnfix.cli import prefixes, safetensors_io, torch_pickle
 from bnfix.cli.errors import first_line
+from bnfix.cli.files import atomic_write
 from bnfix.errors import BnfixError
 from bnfix.layers import bn_layers, unwrap
 
@@ -40,7 +40,6 @@ __all__ = [
     "Checkpoint",
     "CheckpointError",
     "apply_state_dict",
-    "atomic_write",
     "check_writable",
     "load_checkpoint",
     "output_format",
@@ -305,46 +304,18 @@ def _replace_bn_buffers(model: nn.Module, checkpoint: Checkpoint) -> None:
         raise CheckpointError(
             f"Cannot update the weights of {checkpoint.path}: {type(state).__name__} is read-only"
         )
-    for name, module in bn_layers(model):
+    selected = {id(module) for _, module in bn_layers(model)}
+    # Every name a BN module is registered under: a module shared by two parents appears in the
+    # state_dict once per name, and each copy must get the new statistics.
+    for name, module in unwrap(model).named_modules(remove_duplicate=False):
+        if id(module) not in selected:
+            continue
         for buffer in _BN_BUFFERS:
             key = f"{checkpoint.prefix}{name}.{buffer}"
             value = getattr(module, buffer, None)
             if key in state and isinstance(value, Tensor):
                 old = state[key]
                 state[key] = value.detach().to(device=old.device, dtype=old.dtype).clone()
-
-
-def atomic_write(path: Path, write: Callable[[Any], None]) -> None:
-    """Write ``path`` through a temporary file in its folder, fsync and rename (all or nothing).
-
-    ``write`` gets a binary file object. On any failure or interrupt the temporary file is removed
-    and ``path`` is left as it was.
-    """
-    path = Path(path)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        if path.exists():
-            os.chmod(tmp, path.stat().st_mode & 0o7777)
-        else:
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    try:  # make the rename itself durable
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:  # pragma: no cover - some filesystems refuse fsync on folders
-        pass
 
 
 def output_format(checkpoint: Checkpoint, out: os.PathLike[str] | str) -> str:

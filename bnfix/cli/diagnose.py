@@ -24,10 +24,11 @@ from bnfix.cli.arguments import (
     add_model_options,
 )
 from bnfix.cli.errors import EXIT_OK, fail
+from bnfix.cli.files import atomic_path
 from bnfix.cli.inputs import diagnose_outputs, num_batches, resolve_device
 from bnfix.cli.loaders import build_loader, probe, small_images_note
 from bnfix.cli.models import load_model, load_other_model
-from bnfix.cli.output import Output, save_plot, writes
+from bnfix.cli.output import Output, writes
 from bnfix.cli.workers import share_cpus
 from bnfix.diagnosis.result import Diagnosis
 
@@ -131,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
             path = plot_path
             files.file(
                 path,
-                lambda: save_plot(
+                lambda: atomic_path(
                     path, lambda tmp: diagnosis.plot(tmp, other=theirs, labels=labels)
                 ),
             )

@@ -15,10 +15,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import signal
 import sys
-import tempfile
 import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -26,12 +24,12 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import bnfix
-from bnfix.cli.checkpoint import atomic_write
 from bnfix.cli.data import DataInfo
 from bnfix.cli.errors import fail
+from bnfix.cli.files import atomic_write
 from bnfix.report import json_safe
 
-__all__ = ["Output", "Writes", "save_plot", "writes"]
+__all__ = ["Output", "Writes", "writes"]
 
 
 @dataclass(frozen=True)
@@ -119,23 +117,3 @@ def writes() -> Iterator[Writes]:
             signal.signal(signal.SIGINT, signal.default_int_handler)
     if files.held_back:
         print("bnfix: Ctrl-C came after the output was in place; finished writing", file=sys.stderr)
-
-
-def save_plot(path: Path, render: Callable[[Path], None]) -> None:
-    """Render an image with ``render(temporary path)`` beside ``path``, then rename it into place.
-
-    Plotting libraries write to a path and pick the format from its suffix, so the temporary file
-    keeps the suffix (:func:`bnfix.cli.checkpoint.atomic_write` hands out a file object).
-    """
-    handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
-    os.close(handle)
-    tmp = Path(name)
-    try:
-        render(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise

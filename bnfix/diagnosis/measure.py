@@ -30,7 +30,7 @@ import itertools
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor, nn
@@ -38,9 +38,7 @@ from torch import Tensor, nn
 from bnfix.batches import (
     ForwardFn,
     batch_size,
-    default_forward,
     default_target,
-    model_device,
     progress_bar,
     to_device,
 )
@@ -51,16 +49,15 @@ from bnfix.diagnosis.result import Diagnosis, LayerDrift
 from bnfix.diagnosis.rules import THRESHOLDS, decide
 from bnfix.errors import BnfixError
 from bnfix.layers import SkipBatch, bn_layers, bn_mode, check_lazy, dropout_layers
-from bnfix.plan import Plan, check_model
+from bnfix.plan import Device, Plan, check_model
 
 __all__ = ["diagnose"]
 
-Device = Union[None, str, torch.device]
 
-
-def _check(model: Any, loader: Any, reference: Any, num_batches: Any, forward_fn: Any) -> None:
+def _check(model: Any, loader: Any, reference: Any, **options: Any) -> Plan:
+    """The validated plan (``num_batches``, ``forward_fn``, ``device``, ``progress``)."""
     check_model(model)
-    Plan.build(num_batches=num_batches, forward_fn=forward_fn, allow_auto=False)
+    plan = Plan.build(allow_auto=False, **options)
     for name, value in (("loader", loader), ("reference", reference)):
         if value is not None and not isinstance(value, Iterable):
             raise TypeError(
@@ -69,6 +66,7 @@ def _check(model: Any, loader: Any, reference: Any, num_batches: Any, forward_fn
             )
     if loader is None:
         raise TypeError("Expected `loader` to be an iterable of batches, but got None")
+    return plan
 
 
 @dataclass
@@ -210,18 +208,26 @@ def diagnose(
         BnfixError: no usable batch, an uninitialized lazy module.
         ValueError, TypeError: bad arguments (checked before anything runs).
     """
-    _check(model, loader, reference, num_batches, forward_fn)
+    plan = _check(
+        model,
+        loader,
+        reference,
+        num_batches=num_batches,
+        forward_fn=forward_fn,
+        device=device,
+        progress=progress,
+    )
     check_lazy(model)
     start = time.perf_counter()
     setup = Setup(
         model=model,
         layers=bn_layers(model),
-        forward=forward_fn or default_forward,
-        device=torch.device(device) if device is not None else model_device(model),
-        num_batches=num_batches,
+        forward=plan.forward,
+        device=plan.device_for(model),
+        num_batches=plan.limit,
         has_dropout=bool(dropout_layers(model)),
     )
-    data, outputs, tally = _first_pass(setup, loader, progress)
+    data, outputs, tally = _first_pass(setup, loader, plan.progress)
     refs, reference_batches = (None, 0) if reference is None else _reference_pass(setup, reference)
     # a second pass needs a re-iterable loader
     exact = None if isinstance(loader, Iterator) else _exact_pass(setup, loader, data.off.stats())
