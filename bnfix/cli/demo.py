@@ -16,7 +16,8 @@ from typing import Any
 
 import torch
 
-from bnfix.cli.arguments import EXIT_CODES, Formatter, add_misc_options
+from bnfix.cli import recalibrate
+from bnfix.cli.arguments import EXIT_CODES, Formatter, add_misc_options, program_parser
 from bnfix.cli.errors import fail
 from bnfix.cli.output import Output
 
@@ -86,7 +87,6 @@ def run(args: argparse.Namespace) -> int:
         import sklearn.datasets  # noqa: F401  (the demo's dataset)
     except ImportError:
         fail("The demo needs scikit-learn for its dataset (load_digits): pip install bnfix[demo]")
-    from bnfix.cli.program import main
     from bnfix.demo import run_scenario
 
     workdir = Path(args.workdir)
@@ -106,6 +106,17 @@ def run(args: argparse.Namespace) -> int:
             f"running:\n  python -m bnfix {shlex.join(argv)}\n",
         )
         sys.stdout.flush()
-        return main(argv)
+        return _recalibrate(argv)
     finally:
         torch.set_num_threads(threads)
+
+
+def _recalibrate(argv: list[str]) -> int:
+    """Run the printed ``recalibrate`` command line, as ``python -m bnfix`` would parse it.
+
+    Parsed with the command's own parser and run here, inside the demo's own error handling and
+    logging, so the demo needs nothing from :mod:`bnfix.cli.program` (which lists the demo).
+    """
+    parser = program_parser()
+    recalibrate.add_parser(parser.add_subparsers())
+    return recalibrate.run(parser.parse_args(argv))
