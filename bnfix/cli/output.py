@@ -29,7 +29,7 @@ import bnfix
 from bnfix.cli.checkpoint import atomic_write
 from bnfix.cli.data import DataInfo
 from bnfix.cli.errors import fail
-from bnfix.report import json_safe
+from bnfix.tables import json_safe
 
 __all__ = ["Output", "Writes", "save_plot", "writes"]
 
