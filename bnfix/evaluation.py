@@ -5,11 +5,11 @@ Accuracy is counted (correct, total, summed loss; per element for dense outputs,
 (as torchmetrics does). Train-mode BN means batch statistics in the BN layers only: dropout stays
 off and the running statistics are restored, so measuring it changes nothing.
 
-``compare`` recalibrates first and then reads each validation batch once, running it three ways:
-eval mode with the old statistics copied into the buffers for that forward (and the new ones
-copied back in a ``finally``), train-mode BN (which never reads the running statistics), and eval
-mode with the new statistics. One read instead of two and three forwards instead of four, with
-the numbers the four-pass order gave.
+``compare`` recalibrates first (one read of the calibration loader) and then reads each validation
+batch once, running it three ways: eval mode with the old statistics copied into the buffers for
+that forward (and the new ones copied back in a ``finally``), train-mode BN (which never reads the
+running statistics), and eval mode with the new statistics. One read instead of two and three
+forwards instead of four, with the numbers the four-pass order gave.
 """
 
 from __future__ import annotations
@@ -273,9 +273,10 @@ def compare(
     The old statistics are kept aside; each validation batch is read once and run three ways:
     eval mode with the old statistics written into the buffers meanwhile, train-mode BN, and eval
     mode with the new statistics. So the three columns score identical batches even when the
-    loader reshuffles. Each loader is read once, so either may be a one-shot iterator. The model stays
-    recalibrated, also when the validation pass raises (the exception then carries the report as
-    ``error.bnfix_report``); ``comparison.report.undo()`` reverts it.
+    loader reshuffles. Each loader is read once, so either may be a one-shot iterator. The model
+    stays recalibrated, also when anything after the calibration raises (the validation pass, an
+    out-of-memory error, Ctrl-C: the exception then carries the report as ``error.bnfix_report``);
+    ``comparison.report.undo()`` reverts it.
 
     Args:
         model: the model.
@@ -296,6 +297,11 @@ def compare(
 
     Returns:
         A :class:`bnfix.Comparison`.
+
+    Raises:
+        ValueError, TypeError: bad arguments, before any batch is read (:meth:`Plan.build`, then
+            ``layers`` against the model at the start of the calibration).
+        BnfixError: as :func:`bnfix.recalibrate`; an empty validation loader.
     """
     check_model(model)
     plan = Plan.build(
