@@ -18,7 +18,8 @@ try:
     from bnfix.errors import BnfixError, BnfixWarning
     from bnfix.evaluation import compare, evaluate
     from bnfix.layers import bn_layers
-    from bnfix.report import Comparison, Evaluation, LayerReport, Report
+    from bnfix.report import LayerReport, Report
+    from bnfix.scores import Comparison, Evaluation
 except KeyboardInterrupt:  # Ctrl-C while `python -m bnfix` imports torch: one line, exit 130
     from bnfix.cli.errors import exit_if_starting
 

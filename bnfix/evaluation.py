@@ -5,16 +5,17 @@ Accuracy is counted (correct, total, summed loss; per element for dense outputs,
 (as torchmetrics does). Train-mode BN means batch statistics in the BN layers only: dropout stays
 off and the running statistics are restored, so measuring it changes nothing.
 
-``compare`` recalibrates first and then reads each validation batch once, running it three ways:
-eval mode with the old statistics copied into the buffers for that forward (and the new ones
-copied back in a ``finally``), train-mode BN (which never reads the running statistics), and eval
-mode with the new statistics. One read instead of two and three forwards instead of four, with
-the numbers the four-pass order gave.
+``compare`` recalibrates first (one read of the calibration loader) and then reads each validation
+batch once, running it three ways: eval mode with the old statistics copied into the buffers for
+that forward (and the new ones copied back in a ``finally``), train-mode BN (which never reads the
+running statistics), and eval mode with the new statistics. One read instead of two and three
+forwards instead of four, with the numbers the four-pass order gave.
 """
 
 from __future__ import annotations
 
 import contextlib
+import numbers
 from collections.abc import Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -28,12 +29,9 @@ from bnfix.batches import (
     TARGET_KEYS,
     ForwardFn,
     TargetFn,
-    default_forward,
     default_target,
-    model_device,
     output_tensor,
     progress_bar,
-    require_reiterable,
     to_device,
 )
 from bnfix.calibration import calibrate
@@ -45,11 +43,11 @@ from bnfix.layers import (
     check_lazy,
     elements_per_channel,
     named_modules,
-    select_layers,
 )
 from bnfix.metrics import Counts, Gap, check_ignore_index
 from bnfix.plan import Device, Momentum, NumBatches, Plan, check_model
-from bnfix.report import Comparison, Evaluation, Report
+from bnfix.report import Report
+from bnfix.scores import Comparison, Evaluation
 
 __all__ = ["IgnoreIndex", "compare", "compare_planned", "evaluate"]
 
@@ -58,24 +56,37 @@ IgnoreIndex = Union[None, int, Sequence[int]]
 
 def _check_topk(topk: Sequence[int]) -> tuple[int, ...]:
     ks = tuple(topk) if isinstance(topk, Sequence) else ()
-    if not ks or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in ks):
+    if not ks or any(
+        isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1 for k in ks
+    ):
         raise ValueError(
             f"Expected `topk` to be a non-empty sequence of positive ints, but got {topk!r}"
         )
-    return ks
+    return tuple(int(k) for k in ks)
+
+
+def _batch_norms(model: nn.Module) -> list[_BatchNorm]:
+    """Every BN module of ``model`` (train-mode BN runs them all, selected for calibration or not)."""
+    return [m for _, m in named_modules(model) if isinstance(m, _BatchNorm)]
+
+
+def _guard(module: nn.Module, args: tuple[Any, ...]) -> None:
+    """Skip a batch on which a BN layer would see one element per channel (it cannot normalize)."""
+    if args and isinstance(args[0], Tensor) and elements_per_channel(args[0]) <= 1:
+        raise SkipBatch(type(module).__name__)
 
 
 @contextlib.contextmanager
-def _train_bn(model: nn.Module) -> Any:
-    """Every BN on batch statistics (dropout off); running statistics restored afterwards."""
-    bns = [m for _, m in named_modules(model) if isinstance(m, _BatchNorm)]
+def _train_bn(model: nn.Module, bns: Sequence[_BatchNorm]) -> Any:
+    """``bns`` on batch statistics (dropout off); running statistics restored afterwards.
 
-    def guard(module: nn.Module, args: tuple[Any, ...]) -> None:
-        if args and isinstance(args[0], Tensor) and elements_per_channel(args[0]) <= 1:
-            raise SkipBatch(type(module).__name__)
-
-    handles = [m.register_forward_pre_hook(guard) for m in bns]
+    ``bns`` is found once per pass by the caller (:func:`_batch_norms`); the guard hooks are
+    registered per batch inside the ``try``, so none outlives the batch, whatever happens.
+    """
+    handles = []
     try:
+        for module in bns:
+            handles.append(module.register_forward_pre_hook(_guard))
         with bn_mode(model, bns):
             yield
     finally:
@@ -131,26 +142,25 @@ def _passes(
     loader: Iterable[Any],
     ways: Sequence[_Way],
     pairs: Sequence[tuple[str, str]],
+    plan: Plan,
     *,
-    forward_fn: Optional[ForwardFn],
     target_fn: Optional[TargetFn],
-    device: Device,
     topk: tuple[int, ...],
     ignore: Optional[tuple[int, ...]],
-    progress: bool,
     desc: str,
 ) -> tuple[dict[str, Evaluation], dict[tuple[str, str], Gap]]:
     """One pass over ``loader``: each batch read once and run once per way.
 
-    ``pairs`` names the ways whose outputs are compared (``(eval way, reference way)``).
+    ``pairs`` names the ways whose outputs are compared (``(eval way, reference way)``); ``plan``
+    gives the forward, the device and the progress bar.
     """
-    forward = forward_fn or default_forward
+    forward = plan.forward
     pick_target = target_fn or _labels
-    where = torch.device(device) if device is not None else model_device(model)
+    where = plan.device_for(model)
     counts = {way.name: Counts(topk, ignore) for way in ways}
     gaps = {pair: Gap() for pair in pairs}
     batches = 0
-    with torch.no_grad(), progress_bar(loader, None, progress, desc) as bar:
+    with torch.no_grad(), progress_bar(loader, None, plan.progress, desc) as bar:
         for batch in loader:
             target = pick_target(batch)
             moved = to_device(batch, where)
@@ -211,22 +221,30 @@ def evaluate(
 
     Returns:
         A :class:`bnfix.Evaluation` (``.top1``, ``.top5``, ``.loss``, ``.miou``, ``.samples``).
+
+    Raises:
+        ValueError, TypeError: bad arguments (checked with :meth:`bnfix.plan.Plan.build` and
+            before any batch is read).
     """
     if bn not in ("eval", "train"):
         raise ValueError(f"Expected `bn` to be 'eval' or 'train', but got {bn!r}")
     check_model(model)
-    context = (lambda: _train_bn(model)) if bn == "train" else (lambda: bn_mode(model, []))
+    plan = Plan.build(forward_fn=forward_fn, device=device, progress=progress)
+    ks, ignore = _check_topk(topk), check_ignore_index(ignore_index)
+    bns = _batch_norms(model) if bn == "train" else []
+
+    def context() -> AbstractContextManager[Any]:
+        return _train_bn(model, bns) if bn == "train" else bn_mode(model, [])
+
     results, _ = _passes(
         model,
         loader,
         [_Way(bn, bn, context)],
         [],
-        forward_fn=forward_fn,
+        plan,
         target_fn=target_fn,
-        device=device,
-        topk=_check_topk(topk),
-        ignore=check_ignore_index(ignore_index),
-        progress=progress,
+        topk=ks,
+        ignore=ignore,
         desc=f"bnfix evaluate ({bn})",
     )
     return results[bn]
@@ -255,29 +273,35 @@ def compare(
     The old statistics are kept aside; each validation batch is read once and run three ways:
     eval mode with the old statistics written into the buffers meanwhile, train-mode BN, and eval
     mode with the new statistics. So the three columns score identical batches even when the
-    loader reshuffles, and ``val_loader`` may be a one-shot iterator. The model stays
-    recalibrated, also when the validation pass raises (the exception then carries the report as
-    ``error.bnfix_report``); ``comparison.report.undo()`` reverts it.
+    loader reshuffles. Each loader is read once, so either may be a one-shot iterator. The model
+    stays recalibrated, also when anything after the calibration raises (the validation pass, an
+    out-of-memory error, Ctrl-C: the exception then carries the report as ``error.bnfix_report``);
+    ``comparison.report.undo()`` reverts it.
 
     Args:
         model: the model.
-        calib_loader: calibration batches (passed to :func:`bnfix.recalibrate`; re-iterable).
+        calib_loader: calibration batches (passed to :func:`bnfix.recalibrate`; read once).
         val_loader: validation batches (read once).
         num_batches: as in :func:`bnfix.recalibrate`.
         momentum: as in :func:`bnfix.recalibrate`.
         layers: as in :func:`bnfix.recalibrate`.
         dropout: as in :func:`bnfix.recalibrate`.
         forward_fn: as in :func:`bnfix.recalibrate`; also feeds the validation batches.
+        target_fn: picks labels from a validation batch.
         device: as in :func:`bnfix.recalibrate`; also for the validation batches.
         process_group: as in :func:`bnfix.recalibrate`.
         progress: tqdm bars for calibration and evaluation.
         tol: as in :func:`bnfix.recalibrate`.
-        target_fn: picks labels from a validation batch.
         topk: the k of top-k accuracy.
         ignore_index: as in :func:`bnfix.evaluate`.
 
     Returns:
         A :class:`bnfix.Comparison`.
+
+    Raises:
+        ValueError, TypeError: bad arguments, before any batch is read (:meth:`Plan.build`, then
+            ``layers`` against the model at the start of the calibration).
+        BnfixError: as :func:`bnfix.recalibrate`; an empty validation loader.
     """
     check_model(model)
     plan = Plan.build(
@@ -312,34 +336,37 @@ def compare_planned(
     topk: Sequence[int] = (1, 5),
     ignore_index: IgnoreIndex = None,
 ) -> Comparison:
-    """:func:`compare` with the calibration options already validated into ``plan``."""
-    # Refuse what calibrate would refuse before any work: a typo in `layers`, lazy modules.
+    """:func:`compare` with the calibration options already validated into ``plan``.
+
+    ``calibrate`` checks ``plan.layers`` against the model before it touches anything, and no
+    validation batch is read before it returns, so a typo in ``layers`` costs no work. Lazy modules
+    are refused here, though: the snapshot of the old statistics clones every BN buffer, which an
+    uninitialized lazy BN does not have yet.
+    """
     check_lazy(model)
-    select_layers(model, plan.layers)
-    require_reiterable(calib_loader, "calib_loader")
     ks = _check_topk(topk)
     ignore = check_ignore_index(ignore_index)
-    bns = [m for _, m in named_modules(model) if isinstance(m, _BatchNorm)]
+    bns = _batch_norms(model)
     old = [(b, b.clone()) for m in bns for b in m.buffers(recurse=False)]
     report = calibrate(model, calib_loader, plan)
-    swaps = [(buffer, saved, buffer.clone()) for buffer, saved in old]
-    ways = [
-        _Way("before", "eval", lambda: _eval_with(model, swaps)),
-        _Way("train", "train", lambda: _train_bn(model)),
-        _Way("after", "eval", lambda: bn_mode(model, [])),
-    ]
+    # From here on the model is recalibrated: whatever fails (an OOM on a clone, Ctrl-C) must
+    # leave the report on the error, so the caller can undo.
     try:
+        swaps = [(buffer, saved, buffer.clone()) for buffer, saved in old]
+        ways = [
+            _Way("before", "eval", lambda: _eval_with(model, swaps)),
+            _Way("train", "train", lambda: _train_bn(model, bns)),
+            _Way("after", "eval", lambda: bn_mode(model, [])),
+        ]
         results, gaps = _passes(
             model,
             val_loader,
             ways,
             [("before", "train"), ("after", "train")],
-            forward_fn=plan.forward,
+            plan,
             target_fn=target_fn,
-            device=plan.device,
             topk=ks,
             ignore=ignore,
-            progress=plan.progress,
             desc="bnfix evaluate (before, train-mode BN, after)",
         )
     except BaseException as error:

@@ -9,6 +9,7 @@ and :func:`bnfix.diagnose`.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -73,6 +74,13 @@ class Counts:
                 f"labels from {int(scored.min())} to {int(scored.max())}{left_out}; check the number "
                 "of classes, or pass ignore_index= for the label values to leave out"
             )
+        if dense and self.confusion is not None and self.confusion.shape[0] != classes:
+            # one confusion matrix over the whole set: a batch of another C cannot enter it
+            raise BnfixError(
+                f"Expected every batch to have C={self.confusion.shape[0]} class scores (dense "
+                f"outputs (N, C, *)), but got C={classes}; the mean IoU needs one number of "
+                "classes for the whole set"
+            )
         self.classes, self.dense, self.ignored_values = classes, dense, ignore
         self.labelled += scored.numel()
         self.ignored += labels.numel() - scored.numel()
@@ -87,7 +95,7 @@ class Counts:
         if dense:
             pairs = scored * classes + ranked[:, 0][keep]
             matrix = torch.bincount(pairs, minlength=classes * classes).reshape(classes, classes)
-            if self.confusion is None or self.confusion.shape[0] != classes:
+            if self.confusion is None:
                 self.confusion = torch.zeros(classes, classes, dtype=torch.int64)
             self.confusion += matrix.cpu()
 
@@ -199,13 +207,18 @@ def check_ignore_index(ignore_index: Any) -> Optional[tuple[int, ...]]:
     """Validate ``ignore_index``: None (the defaults), an int or a sequence of ints."""
     if ignore_index is None:
         return None
-    if isinstance(ignore_index, int) and not isinstance(ignore_index, bool):
-        return (ignore_index,)
+    if _is_int(ignore_index):
+        return (int(ignore_index),)
     if isinstance(ignore_index, Sequence) and not isinstance(ignore_index, str):
         values = tuple(ignore_index)
-        if all(isinstance(v, int) and not isinstance(v, bool) for v in values):
-            return values
+        if all(_is_int(v) for v in values):
+            return tuple(int(v) for v in values)
     raise TypeError(
         "Expected `ignore_index` to be None (ignore -100, and 255 for dense labels), an int or a "
         f"sequence of ints, but got {ignore_index!r}"
     )
+
+
+def _is_int(value: Any) -> bool:
+    """A Python or numpy integer, not a bool (as :class:`bnfix.plan.Plan` accepts numbers)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)

@@ -2,9 +2,9 @@
 
 Collecting (calibration, evaluation), formatting (here) and printing (cli) are kept apart, as in
 ``torch.utils.collect_env``. ``to_dict()`` output is always valid JSON: non-finite floats (drift of
-a layer whose old statistics were corrupt, say) become ``None``. :class:`Evaluation` and
-:class:`Comparison` live in :mod:`bnfix.scores` and the table helpers in :mod:`bnfix.tables`; both
-are re-exported here.
+a layer whose old statistics were corrupt, say) become ``None``. The results of evaluation
+(:class:`bnfix.Evaluation`, :class:`bnfix.Comparison`) live in :mod:`bnfix.scores`, the table and
+JSON helpers in :mod:`bnfix.tables`.
 """
 
 from __future__ import annotations
@@ -13,20 +13,10 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
-from bnfix.scores import Comparison, Evaluation
 from bnfix.stats import Drift
-from bnfix.tables import fmt_float, fmt_percent, json_safe, render_table
+from bnfix.tables import fmt_float, json_safe, render_table
 
-__all__ = [
-    "Comparison",
-    "Evaluation",
-    "LayerReport",
-    "Report",
-    "fmt_float",
-    "fmt_percent",
-    "json_safe",
-    "render_table",
-]
+__all__ = ["LayerReport", "Report"]
 
 
 @dataclass(frozen=True)
@@ -78,7 +68,9 @@ class LayerReport:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready fields, the drift's four numbers flat (as before :class:`Drift` existed)."""
-        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "drift"}
+        data = {
+            f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "drift"
+        }
         return json_safe({**data, **self.drift.to_dict()})
 
 

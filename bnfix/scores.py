@@ -1,20 +1,18 @@
 """What :func:`bnfix.evaluate` and :func:`bnfix.compare` return: exact counts, rendered.
 
 Frozen dataclasses: ``str()`` renders a table, ``to_dict()`` feeds JSON (non-finite floats become
-None). The counting itself lives in :mod:`bnfix.metrics`; :mod:`bnfix.report` re-exports both
-classes, so ``from bnfix.report import Comparison, Evaluation`` keeps working.
+None). The counting itself lives in :mod:`bnfix.metrics`, the recalibration :class:`bnfix.Report`
+in :mod:`bnfix.report`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, Optional
 
+from bnfix.report import Report
 from bnfix.tables import fmt_float, fmt_percent, json_safe, render_table
-
-if TYPE_CHECKING:  # a runtime import would be circular: bnfix.report re-exports this module
-    from bnfix.report import Report
 
 __all__ = ["Comparison", "Evaluation"]
 

@@ -7,7 +7,7 @@ captured BN inputs in float64 numpy.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -140,6 +140,38 @@ def pooled(arrays: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """Reference moments over the union of several captured inputs (same channel axis 1)."""
     flats = [np.moveaxis(a, 1, 0).reshape(a.shape[1], -1) for a in arrays]
     return ref_moments(np.concatenate(flats, axis=1)[None])  # (1, C, total)
+
+
+def eval_logits(model: nn.Module, batches: Iterable[Tensor]) -> np.ndarray:
+    """Outputs of a deep copy in eval mode, concatenated, in float64 (plain torch)."""
+    twin = copy.deepcopy(model).eval()
+    with torch.no_grad():
+        return torch.cat([twin(x) for x in batches]).double().numpy()
+
+
+def train_bn_logits(model: nn.Module, batches: Iterable[Tensor]) -> np.ndarray:
+    """Per-batch outputs with only the BN layers on batch statistics (plain torch), concatenated."""
+    twin = copy.deepcopy(model).eval()
+    for m in twin.modules():
+        if isinstance(m, _BatchNorm):
+            m.train()
+    with torch.no_grad():
+        return torch.cat([twin(x) for x in batches]).double().numpy()
+
+
+class Counting:
+    """A re-iterable loader that counts the batches drawn from it."""
+
+    def __init__(self, batches: list[Any]) -> None:
+        self.batches, self.drawn = batches, 0
+
+    def __iter__(self) -> Iterator[Any]:
+        for b in self.batches:
+            self.drawn += 1
+            yield b
+
+    def __len__(self) -> int:
+        return len(self.batches)
 
 
 def _bits(t: Tensor) -> bytes | None:

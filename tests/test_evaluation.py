@@ -1,21 +1,38 @@
-"""evaluate() and compare(): exact counts against a manual float64 reference; nothing changes."""
+"""evaluate(), compare() and compare_planned(): exact counts against independent references.
+
+evaluate() is checked against a manual float64 reference; compare() against the four-pass order
+it replaced, run on a twin: evaluate(bn="eval"), evaluate(bn="train"), recalibrate,
+evaluate(bn="eval"). Nothing changes that should not, also when the model or a loader raises.
+"""
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Iterator, Sequence
+import json
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
-from conftest import assert_unchanged, make_convnet, snapshot, split
+from conftest import (
+    Counting,
+    assert_unchanged,
+    eval_logits,
+    make_convnet,
+    snapshot,
+    split,
+    train_bn_logits,
+)
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 import bnfix
+import bnfix.evaluation
 from bnfix import BnfixError
+from bnfix.evaluation import compare_planned
+from bnfix.plan import Plan
 
 SIZES = (7, 30, 2, 50, 39)  # uneven; no batch of 1
 
@@ -36,37 +53,6 @@ def ref_counts(
     z = logits - logits.max(axis=1, keepdims=True)
     logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
     return correct, float(-logp[np.arange(len(labels)), labels].sum())
-
-
-def eval_logits(model: nn.Module, batches: list[Tensor]) -> np.ndarray:
-    twin = copy.deepcopy(model).eval()
-    with torch.no_grad():
-        return torch.cat([twin(x) for x in batches]).double().numpy()
-
-
-def train_bn_logits(model: nn.Module, batches: list[Tensor]) -> np.ndarray:
-    """Per-batch outputs with only the BN layers on batch statistics (plain torch)."""
-    twin = copy.deepcopy(model).eval()
-    for m in twin.modules():
-        if isinstance(m, _BatchNorm):
-            m.train()
-    with torch.no_grad():
-        return torch.cat([twin(x) for x in batches]).double().numpy()
-
-
-class Counting:
-    """A re-iterable loader that counts the batches drawn from it."""
-
-    def __init__(self, batches: list[Any]) -> None:
-        self.batches, self.drawn = batches, 0
-
-    def __iter__(self) -> Iterator[Any]:
-        for b in self.batches:
-            self.drawn += 1
-            yield b
-
-    def __len__(self) -> int:
-        return len(self.batches)
 
 
 @pytest.mark.parametrize("bn", ["eval", "train"])
@@ -141,8 +127,84 @@ def test_evaluate_errors(images: Tensor) -> None:
         bnfix.evaluate(model, [(images[:8], torch.arange(8))])
 
 
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        ({"forward_fn": "f"}, TypeError, "Expected `forward_fn` to be callable"),
+        ({"device": "gpu0"}, (ValueError, RuntimeError), "gpu0"),
+        ({"ignore_index": "255"}, TypeError, "Expected `ignore_index`"),
+        ({"topk": (1, 0)}, ValueError, "Expected `topk`"),
+    ],
+)
+def test_evaluate_validates_options_before_reading_a_batch(
+    images: Tensor, kwargs: dict[str, Any], exc: Any, match: str
+) -> None:
+    """Options go through Plan.build: a forward_fn that is not callable fails up front."""
+    model = make_convnet()
+    loader = Counting(split(images, (64, 64)))
+    snap = snapshot(model)
+    with pytest.raises(exc, match=match):
+        bnfix.evaluate(model, loader, **kwargs)
+    assert loader.drawn == 0
+    assert_unchanged(model, snap)
+
+
+def test_evaluate_takes_numpy_ints_as_plan_does(images: Tensor) -> None:
+    model = make_convnet()
+    labels = labels_for(128)
+    xs, ys = split(images, SIZES), split(labels, SIZES)
+    correct, _ = ref_counts(eval_logits(model, xs), labels.numpy(), (1, 2))
+    data = list(zip(xs, ys))
+    result = bnfix.evaluate(model, data, topk=(np.int64(1), np.int32(2)))
+    assert result.correct == correct and all(type(k) is int for k in result.correct)
+    some = bnfix.evaluate(model, data, topk=(1,), ignore_index=np.int64(0))
+    assert some.labelled == int((labels != 0).sum())
+    assert some.ignore_index == (0,) and type(some.ignore_index[0]) is int
+    assert bnfix.evaluate(model, data, topk=(1,), ignore_index=(np.int16(0), 1)).labelled == int(
+        (labels == 2).sum()
+    )
+
+
 # ----------------------------------------------------------------------------------------------
 # compare
+
+
+def seg_net(seed: int = 0) -> nn.Module:
+    """A tiny dense model: (N, 3, H, W) -> (N, 4, H, W) scores, stale BN statistics."""
+    torch.manual_seed(seed)
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1)
+    )
+    with torch.no_grad():
+        net[1].running_mean.fill_(1.5)
+        net[1].running_var.fill_(9.0)
+    return net
+
+
+def corrupted(model: nn.Module) -> nn.Module:
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, _BatchNorm):
+                m.running_mean.add_(2.0)
+                m.running_var.mul_(20.0)
+    return model
+
+
+def case(kind: str, images: Tensor) -> tuple[nn.Module, list[Tensor], list[tuple[Tensor, Tensor]]]:
+    g = torch.Generator().manual_seed(3)
+    if kind == "classes":
+        model = corrupted(make_convnet())
+        labels = torch.randint(0, 3, (128,), generator=g)
+    else:
+        model = seg_net()
+        labels = torch.randint(0, 4, (128, 8, 8), generator=g)
+        labels[:, 0, :3] = 255  # void pixels, ignored by default
+        labels[5, 2, 2] = -100
+    return model, split(images, (64, 64)), list(zip(split(images, SIZES), split(labels, SIZES)))
+
+
+def bits(model: nn.Module) -> dict[str, bytes]:
+    return {n: b.detach().numpy().tobytes() for n, b in model.named_buffers()}
 
 
 def _corrupted_model_and_labels(images: Tensor) -> tuple[nn.Module, Tensor]:
@@ -156,22 +218,52 @@ def _corrupted_model_and_labels(images: Tensor) -> tuple[nn.Module, Tensor]:
     return model, labels
 
 
-def test_compare_before_train_after_and_agreement(images: Tensor) -> None:
+@pytest.mark.parametrize("kind", ["classes", "dense"])
+def test_compare_gives_the_numbers_of_the_four_pass_order(images: Tensor, kind: str) -> None:
+    model, calib, val = case(kind, images)
+    twin = copy.deepcopy(model)
+    xs = [x for x, _ in val]
+    before = bnfix.evaluate(twin, val)
+    train = bnfix.evaluate(twin, val, bn="train")
+    eval_old = eval_logits(twin, xs).argmax(1).ravel()
+    train_out = train_bn_logits(twin, xs).argmax(1).ravel()
+    bnfix.recalibrate(twin, calib)
+    after = bnfix.evaluate(twin, val)
+    eval_new = eval_logits(twin, xs).argmax(1).ravel()
+
+    calls: list[str] = []
+
+    def forward(m: nn.Module, batch: Any) -> Tensor:
+        calls.append("val" if isinstance(batch, (tuple, list)) else "calib")
+        return m(batch[0] if isinstance(batch, (tuple, list)) else batch)
+
+    loader = Counting(val)
+    comparison = bnfix.compare(model, calib, loader, forward_fn=forward)
+    # every field, the summed loss bit for bit
+    assert comparison.before == before
+    assert comparison.train_bn == train
+    assert comparison.after == after
+    assert comparison.agreement_before == (eval_old == train_out).mean()
+    assert comparison.agreement_after == (eval_new == train_out).mean()
+    # one read and three forwards per validation batch, after the calibration pass
+    assert loader.drawn == len(val)
+    assert calls == ["calib"] * len(calib) + ["val"] * (3 * len(val))
+    # the model ends exactly as recalibrate leaves it; undo gives back the old statistics
+    assert bits(model) == bits(twin)
+    comparison.report.undo()
+    assert bits(model) == bits(case(kind, images)[0])
+    if kind == "dense":
+        assert after.miou is not None and after.top1 is not None and after.ignored > 0
+
+
+def test_compare_shows_recalibration_fixing_corrupted_statistics(images: Tensor) -> None:
     model, labels = _corrupted_model_and_labels(images)
     val = list(zip(split(images, (64, 64)), split(labels, (64, 64))))
     calib = split(images, (64, 64))
     expected_before = bnfix.evaluate(model, val)
-    expected_train = bnfix.evaluate(model, val, bn="train")
-    eval_before = eval_logits(model, [x for x, _ in val]).argmax(1)
-    train_out = train_bn_logits(model, [x for x, _ in val]).argmax(1)
 
     comparison = bnfix.compare(model, calib, val)
-    assert comparison.before == expected_before
-    assert comparison.train_bn == expected_train
     assert comparison.after == bnfix.evaluate(model, val)  # the model stays recalibrated
-    eval_after = eval_logits(model, [x for x, _ in val]).argmax(1)
-    assert comparison.agreement_before == (eval_before == train_out).mean()
-    assert comparison.agreement_after == (eval_after == train_out).mean()
     # recalibration fixed the corrupted statistics, with margin
     assert comparison.after.top1 >= 0.9
     assert comparison.after.top1 >= comparison.before.top1 + 0.2
@@ -180,8 +272,6 @@ def test_compare_before_train_after_and_agreement(images: Tensor) -> None:
     assert comparison.output_gap_after < comparison.output_gap_before
     text = str(comparison)
     assert "eval before" in text and "train-mode BN" in text and "top-1" in text
-    import json
-
     json.dumps(comparison.to_dict(), allow_nan=False)
     comparison.report.undo()
     assert bnfix.evaluate(model, val) == expected_before
@@ -230,25 +320,163 @@ def test_compare_rejects_bad_options_before_any_work(
     assert_unchanged(model, snap)
 
 
-def test_compare_refuses_a_one_shot_calib_loader_but_reads_val_once(images: Tensor) -> None:
+def test_compare_reads_each_loader_once_so_one_shot_iterators_work(images: Tensor) -> None:
     model = make_convnet()
     snap = snapshot(model)
-    with pytest.raises(ValueError, match="`calib_loader` to be re-iterable"):
-        bnfix.compare(model, (x for x in [images]), [images])
-    assert_unchanged(model, snap)
     twin = copy.deepcopy(model)
-    val = split(images, (64, 64))
-    one_shot, listed = bnfix.compare(model, [images], iter(val)), bnfix.compare(twin, [images], val)
-    assert one_shot.to_dict()["after"] == listed.to_dict()["after"]
+    calib, val = split(images, (32, 96)), split(images, (64, 64))
+    one_shot = bnfix.compare(model, (x for x in calib), iter(val))
+    listed = bnfix.compare(twin, calib, val)
+    assert one_shot.report.batches == 2 and one_shot.report.samples == 128
+    assert one_shot.report.layers == listed.report.layers
     assert dataclasses.replace(one_shot, report=listed.report) == listed
+    assert bits(model) == bits(twin)
+    one_shot.report.undo()
+    assert_unchanged(model, snap)
 
 
-def test_compare_refuses_lazy_model_before_any_work(images: Tensor) -> None:
-    model = nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3), nn.LazyLinear(2))
-    val = Counting([images])
+@pytest.mark.parametrize("lazy", ["LazyLinear", "LazyBatchNorm2d"])
+def test_compare_refuses_lazy_model_before_any_work(images: Tensor, lazy: str) -> None:
+    """A lazy BN has no buffers to snapshot yet: refused with bnfix's message, not torch's."""
+    last = nn.LazyLinear(2) if lazy == "LazyLinear" else nn.LazyBatchNorm2d()
+    model = nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3), last)
+    calib, val = Counting([images]), Counting([images])
     with pytest.raises(BnfixError, match="uninitialized lazy module"):
-        bnfix.compare(model, [images], val)
+        bnfix.compare(model, calib, val)
+    assert calib.drawn == 0 and val.drawn == 0
+
+
+@pytest.mark.parametrize(
+    "way, error",
+    [
+        (0, RuntimeError("model failed")),
+        (1, RuntimeError("model failed")),
+        (2, RuntimeError("model failed")),
+        (0, KeyboardInterrupt()),
+    ],
+)
+def test_a_failure_mid_pass_leaves_the_model_recalibrated(
+    images: Tensor, way: int, error: BaseException
+) -> None:
+    """way 0: while the old statistics are swapped in; 1: train-mode BN; 2: eval after."""
+    model, calib, val = case("classes", images)
+    model.train()
+    model.bn1.eval()
+    snap = snapshot(model)
+    twin = copy.deepcopy(model)
+    bnfix.recalibrate(twin, calib)
+    seen = []
+
+    def forward(m: nn.Module, batch: Any) -> Tensor:
+        if isinstance(batch, (tuple, list)):
+            seen.append(1)
+            if len(seen) == 3 + way + 1:  # the second validation batch
+                raise error
+            return m(batch[0])
+        return m(batch)
+
+    with pytest.raises(type(error)) as info:
+        bnfix.compare(model, calib, val, forward_fn=forward)
+    assert info.value is error
+    assert bits(model) == bits(twin)  # recalibrated, bit for bit
+    assert_unchanged(model, snap, except_buffers=[n for n, _ in model.named_buffers()])
+    if hasattr(error, "__notes__"):
+        assert any("error.bnfix_report.undo()" in note for note in error.__notes__)
+    error.bnfix_report.undo()  # type: ignore[union-attr]
+    assert_unchanged(model, snap)
+
+
+@pytest.mark.parametrize("error", [RuntimeError("CUDA out of memory"), KeyboardInterrupt()])
+def test_a_failure_between_calibration_and_the_pass_keeps_the_report(
+    images: Tensor, monkeypatch: pytest.MonkeyPatch, error: BaseException
+) -> None:
+    """An OOM on the copy of the new statistics (or Ctrl-C then) still hands over the report."""
+    model, calib, val = case("classes", images)
+    snap = snapshot(model)
+    twin = copy.deepcopy(model)
+    bnfix.recalibrate(twin, calib)
+    calibrate = bnfix.evaluation.calibrate
+
+    def calibrate_then_fail_clones(*args: Any) -> Any:
+        report = calibrate(*args)
+
+        def clone(self: Tensor, *a: Any, **k: Any) -> Tensor:
+            raise error
+
+        monkeypatch.setattr(torch.Tensor, "clone", clone)
+        return report
+
+    monkeypatch.setattr(bnfix.evaluation, "calibrate", calibrate_then_fail_clones)
+    loader = Counting(val)
+    with pytest.raises(type(error)) as info:
+        bnfix.compare(model, calib, loader)
+    monkeypatch.undo()
+    assert info.value is error and loader.drawn == 0
+    assert bits(model) == bits(twin)  # recalibrated, bit for bit
+    error.bnfix_report.undo()  # type: ignore[union-attr]
+    assert_unchanged(model, snap)
+
+
+def test_a_failed_calibration_reads_no_validation_batch(images: Tensor) -> None:
+    model = make_convnet()
+    snap = snapshot(model)
+    val = Counting([(images, torch.zeros(128, dtype=torch.long))])
+    with pytest.raises(bnfix.BnfixError, match="calibration batch"):
+        bnfix.compare(model, [], val)
     assert val.drawn == 0
+    assert_unchanged(model, snap)
+
+
+def test_empty_validation_loader_after_calibration_keeps_the_report(images: Tensor) -> None:
+    model = make_convnet()
+    snap = snapshot(model)
+    with pytest.raises(bnfix.BnfixError, match="yielded no batches") as info:
+        bnfix.compare(model, [images], iter([]))
+    info.value.bnfix_report.undo()  # type: ignore[attr-defined]
+    assert_unchanged(model, snap)
+
+
+def test_a_torchvision_segmentation_model_gets_numbers_not_dashes() -> None:
+    from torchvision.models.segmentation import deeplabv3_mobilenet_v3_large
+
+    torch.manual_seed(0)
+    model = deeplabv3_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=3)
+    model.eval()
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(4, 3, 64, 64, generator=g)
+    masks = torch.randint(0, 3, (4, 64, 64), generator=g)
+    masks[:, :4] = 255
+    data = list(zip(images.split(2), masks.split(2)))
+    comparison = bnfix.compare(model, [x for x, _ in data], data)
+    for result in (comparison.before, comparison.train_bn, comparison.after):
+        assert result.dense and result.classes == 3
+        assert result.labelled == 4 * 60 * 64 and result.ignored == 4 * 4 * 64
+        assert result.top1 is not None and result.loss is not None and result.miou is not None
+    rows = {row[0]: row[1:] for row in comparison.rows()}
+    assert "top-5" not in rows  # 3 classes: top-5 is always 100 %
+    for name in ("top-1", "loss", "mIoU", "eval/train agreement"):
+        assert all(cell not in ("", "-") for cell in rows[name] if cell), (name, rows[name])
+        assert rows[name][0] != "-" and rows[name][-1] != "-"
+    text = str(comparison)
+    assert "mIoU" in text and "top-5" not in text
+    assert "validation: 4 samples, 15360 labelled elements (dense outputs" in text
+    assert "1024 ignored (ignore_index -100, 255)" in text
+
+
+def test_compare_planned_takes_ignore_index_and_checks_it_before_any_work(
+    images: Tensor,
+) -> None:
+    model, calib, val = case("dense", images)
+    snap = snapshot(model)
+    loader = Counting(val)
+    with pytest.raises(TypeError, match="Expected `ignore_index`"):
+        compare_planned(model, calib, loader, Plan.build(), ignore_index="255")  # type: ignore[arg-type]
+    assert loader.drawn == 0
+    assert_unchanged(model, snap)
+    comparison = compare_planned(model, calib, loader, Plan.build(), ignore_index=(255, -100, 0))
+    labels = torch.cat([y for _, y in val])
+    assert comparison.after.labelled == int(((labels > 0) & (labels != 255)).sum())
+    assert comparison.after.ignore_index == (255, -100, 0)
 
 
 @pytest.mark.parametrize("bn", ["eval", "train"])

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 import bnfix
 from bnfix import BnfixError
-from bnfix.metrics import Gap
+from bnfix.metrics import Counts, Gap, check_ignore_index
 
 C = 6  # class 5 is never labelled and never predicted: it must not enter the mean IoU
 SIZES = (3, 1, 4, 2)
@@ -171,3 +171,30 @@ def test_dense_agreement_is_per_element() -> None:
     gap = Gap()
     gap.add(a, b)
     assert gap.agreement == 31 / 32
+
+
+def test_dense_batches_with_another_number_of_classes_are_refused() -> None:
+    """One confusion matrix for the whole set: a batch of another C must not reset it."""
+    logits, labels = dense_data()
+    counts = Counts((1,))
+    counts.add(logits[:4], labels[:4])
+    kept = (counts.labelled, counts.ignored, dict(counts.correct), counts.loss_sum)
+    matrix = counts.confusion.clone()  # type: ignore[union-attr]
+    wider = torch.cat([logits[4:], logits[4:, :2]], dim=1)  # C + 2 classes
+    with pytest.raises(
+        BnfixError, match=rf"Expected every batch to have C={C} .*but got C={C + 2}"
+    ):
+        counts.add(wider, labels[4:])
+    assert (counts.labelled, counts.ignored, dict(counts.correct), counts.loss_sum) == kept
+    assert torch.equal(counts.confusion, matrix)  # type: ignore[arg-type]
+    with pytest.raises(BnfixError, match=rf"Expected every batch to have C={C} "):
+        bnfix.evaluate(nn.Identity(), [(logits[:4], labels[:4]), (wider, labels[4:])])
+
+
+def test_ignore_index_takes_numpy_ints_but_not_bools() -> None:
+    assert check_ignore_index(np.int64(255)) == (255,)
+    values = check_ignore_index([np.int16(-100), 255, np.uint8(0)])
+    assert values == (-100, 255, 0) and all(type(v) is int for v in values)  # type: ignore[union-attr]
+    for bad in (np.bool_(True), [np.int64(1), True], np.float64(1.0)):
+        with pytest.raises(TypeError, match="Expected `ignore_index` to be None"):
+            check_ignore_index(bad)

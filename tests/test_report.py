@@ -1,9 +1,8 @@
-"""Report, LayerReport, Evaluation and Comparison: JSON, rendering, undo."""
+"""Report and LayerReport: JSON, rendering, undo."""
 
 from __future__ import annotations
 
 import json
-import math
 
 import numpy as np
 import pytest
@@ -12,7 +11,7 @@ from conftest import SPLIT, make_convnet, ref_moments, snapshot, split
 from torch import Tensor
 
 import bnfix
-from bnfix.report import Evaluation, LayerReport, Report, json_safe, render_table
+from bnfix.report import LayerReport, Report
 from bnfix.stats import Drift
 
 
@@ -100,31 +99,6 @@ def test_unused_and_skipped_are_rendered() -> None:
     assert "merged over 2 ranks" in text
     assert [w.name for w in report.worst()] == ["b"]
     json.dumps(report.to_dict(), allow_nan=False)
-
-
-def test_json_safe_and_render_table() -> None:
-    assert json_safe({"a": (1.0, math.nan), 2: {"b": math.inf}}) == {
-        "a": [1.0, None],
-        "2": {"b": None},
-    }
-    table = render_table(["name", "x"], [["long-name", "1"], ["n", "22"]])
-    assert table.splitlines() == [
-        "name        x",
-        "---------  --",
-        "long-name   1",
-        "n          22",
-    ]
-
-
-def test_evaluation_accuracy_and_json() -> None:
-    ev = Evaluation(samples=10, labelled=8, correct={1: 4, 3: 6}, loss_sum=4.0)
-    assert ev.top1 == 0.5 and ev.accuracy(3) == 0.75 and ev.loss == 0.5
-    assert ev.top5 is None  # not counted: never report top-3 under the name top-5
-    assert json.loads(json.dumps(ev.to_dict(), allow_nan=False))["correct"] == {"1": 4, "3": 6}
-    empty = Evaluation(samples=3, labelled=0, correct={}, loss_sum=None)
-    assert empty.top1 is None and empty.loss is None
-    nan = Evaluation(samples=3, labelled=3, correct={1: 1}, loss_sum=math.nan)
-    json.dumps(nan.to_dict(), allow_nan=False)
 
 
 def test_report_is_frozen(images: Tensor) -> None:

@@ -1,20 +1,27 @@
-"""Evaluation and Comparison rendering: readable str(), hidden top-5, mIoU, notes."""
+"""Evaluation and Comparison: accuracy and JSON, readable str(), hidden top-5, mIoU, notes."""
 
 from __future__ import annotations
 
 import json
+import math
 
 import torch
 from conftest import make_convnet, make_images, split
 from torch import nn
 
 import bnfix
-from bnfix.report import Comparison, Evaluation
-from bnfix.scores import Comparison as ScoresComparison
+from bnfix.scores import Comparison, Evaluation
 
 
-def test_report_module_still_exports_the_results() -> None:
-    assert Comparison is ScoresComparison and bnfix.Evaluation is Evaluation
+def test_evaluation_accuracy_and_json() -> None:
+    ev = Evaluation(samples=10, labelled=8, correct={1: 4, 3: 6}, loss_sum=4.0)
+    assert ev.top1 == 0.5 and ev.accuracy(3) == 0.75 and ev.loss == 0.5
+    assert ev.top5 is None  # not counted: never report top-3 under the name top-5
+    assert json.loads(json.dumps(ev.to_dict(), allow_nan=False))["correct"] == {"1": 4, "3": 6}
+    empty = Evaluation(samples=3, labelled=0, correct={}, loss_sum=None)
+    assert empty.top1 is None and empty.loss is None
+    nan = Evaluation(samples=3, labelled=3, correct={1: 1}, loss_sum=math.nan)
+    json.dumps(nan.to_dict(), allow_nan=False)
 
 
 def test_evaluation_str_is_a_table_not_a_repr() -> None:

@@ -27,7 +27,7 @@ import bnfix
 from bnfix.cli.data import DataInfo
 from bnfix.cli.errors import fail
 from bnfix.cli.files import atomic_write
-from bnfix.report import json_safe
+from bnfix.tables import json_safe
 
 __all__ = ["Output", "Writes", "writes"]
 

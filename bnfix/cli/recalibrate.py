@@ -39,7 +39,9 @@ from bnfix.cli.workers import share_cpus
 from bnfix.evaluation import compare_planned
 from bnfix.layers import select_layers, unwrap
 from bnfix.plan import Plan
-from bnfix.report import Comparison, Report, fmt_percent
+from bnfix.report import Report
+from bnfix.scores import Comparison
+from bnfix.tables import fmt_percent
 
 __all__ = ["DEFAULT_TOL", "add_parser", "run"]
 

@@ -10,9 +10,9 @@ import os
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Optional, Union
 
-from bnfix.report import fmt_float as _fmt
-from bnfix.report import fmt_percent as _pct
-from bnfix.report import render_table
+from bnfix.tables import fmt_float as _fmt
+from bnfix.tables import fmt_percent as _pct
+from bnfix.tables import render_table
 
 if TYPE_CHECKING:
     from bnfix.diagnosis.result import Diagnosis

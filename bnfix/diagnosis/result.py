@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
 from bnfix.diagnosis import render
-from bnfix.report import Evaluation, json_safe
+from bnfix.scores import Evaluation
 from bnfix.stats import Drift
+from bnfix.tables import json_safe
 
 __all__ = ["CONFIDENCES", "Diagnosis", "LayerDrift", "OutputGap", "Verdict"]
 
