@@ -13,7 +13,9 @@ from torch import Tensor, nn
 
 import bnfix
 from bnfix.integrations._common import (
+    DDP_BATCHES,
     check_options,
+    default_batches,
     kwargs_forward,
     missing_framework,
     process_group,
@@ -50,6 +52,23 @@ def test_check_options_uses_recalibrate_rules_and_stays_quiet(
         check_options({"tol": 0}, None, None)
     with pytest.raises(TypeError, match=r"\['device', 'num_batches'\]"):
         check_options({"device": "cpu", "num_batches": 3}, None, None)
+
+
+def test_check_options_with_a_group_refuses_what_ranks_cannot_share() -> None:
+    world = object()  # any group: Plan.build only looks at whether there is one
+    check_options({"momentum": 0.1}, "auto", None)  # fine on one process
+    with pytest.raises(ValueError, match="momentum='exact'"):
+        check_options({"momentum": 0.1}, 4, None, world)
+    with pytest.raises(ValueError, match="fixed `num_batches`"):
+        check_options({}, "auto", None, world)
+    with pytest.raises(ValueError, match="fixed `num_batches`"):  # the option's own group wins
+        check_options({"process_group": world}, "auto", None, None)
+
+
+def test_default_batches_is_auto_alone_and_a_fixed_bound_under_ddp() -> None:
+    assert default_batches(None, None) == "auto"
+    assert default_batches(None, object()) == DDP_BATCHES == 50
+    assert default_batches(3, object()) == 3 and default_batches("auto", None) == "auto"
 
 
 def test_process_group_is_none_on_one_process() -> None:

@@ -487,18 +487,111 @@ def test_last_link_is_replaced_by_a_file_and_its_target_kept(tmp_path: Any) -> N
     assert torch.equal(top["state_dict"]["net.1.running_var"], torch.ones(4))  # as trained
 
 
-def test_several_training_loaders_need_an_explicit_one() -> None:
-    from types import SimpleNamespace
+class TwoLoaders(LitNet):
+    """Trains on a dict of loaders (Lightning's CombinedLoader), whose batch is a dict of batches."""
 
-    from bnfix.integrations.lightning import _train_loader
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        return super().on_before_batch_transfer(batch["a"], dataloader_idx)
 
-    both = SimpleNamespace(train_dataloader={"a": loader(), "b": loader()})
+
+def test_several_training_loaders_need_an_explicit_one(tmp_path: Any) -> None:
+    both = {"a": loader(), "b": loader(seed=1)}
     with pytest.raises(bnfix.BnfixError, match=r"has 2; pass RecalibrateBN\(dataloader=...\)"):
-        _train_loader(both)  # type: ignore[arg-type]
+        trainer(tmp_path, [RecalibrateBN()], max_steps=2).fit(TwoLoaders(), both)
+
+    module, calib = TwoLoaders(), loader(32)
+    snap, callback = Snapshot(), RecalibrateBN({"a": b} for b in calib)
+    trainer(tmp_path, [snap, callback], max_steps=2).fit(module, both)
+    assert snap.module is not None
+    assert_same(bn_state(module), reference(snap.module, transferred(calib)))
+
+
+def test_no_training_loader_is_a_clear_error(tmp_path: Any) -> None:
+    unfitted = trainer(tmp_path, [])
+    assert unfitted.train_dataloader is None
     with pytest.raises(bnfix.BnfixError, match="there is none"):
-        _train_loader(SimpleNamespace(train_dataloader=None))  # type: ignore[arg-type]
-    one = loader()
-    assert _train_loader(SimpleNamespace(train_dataloader=[one])) is one  # type: ignore[arg-type]
+        RecalibrateBN().on_train_end(unfitted, LitNet())
+
+
+def test_setup_outside_the_trainer_callbacks_checks_no_order(tmp_path: Any) -> None:
+    callback = RecalibrateBN()
+    fit = trainer(tmp_path, [WeightAveraging()])
+    callback.setup(fit, LitNet(), "fit")  # not in fit.callbacks: nothing comes after it
+    assert callback.report is None
+
+
+def test_options_are_checked_once_and_under_ddp_again_at_setup(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import bnfix.integrations.lightning as integration
+
+    calls: list[Any] = []
+
+    def counted(*args: Any) -> None:
+        calls.append(args[3:])
+        check_options(*args)
+
+    check_options = integration.check_options
+    monkeypatch.setattr(integration, "check_options", counted)
+    callback = RecalibrateBN(when="validation")
+    callback.setup(trainer(tmp_path, [callback]), LitNet(), "fit")
+    assert calls == [()]  # once, at construction: one process has no group to check against
+
+    world = object()  # stands for torch.distributed.group.WORLD under DDP
+    monkeypatch.setattr(integration, "process_group", lambda world_size: world)
+    for options in ({"momentum": 0.1}, {"num_batches": "auto"}):
+        calls.clear()
+        callback = RecalibrateBN(**options)  # fine on its own: no group known yet
+        with pytest.raises(ValueError, match="process_group"):
+            callback.setup(trainer(tmp_path, [callback]), LitNet(), "fit")
+        assert calls == [(), (world,)]
+
+
+def bf16_stats(module: nn.Module, batches: Any, **kwargs: Any) -> dict[str, Tensor]:
+    """A direct recalibrate of a copy of ``module`` under CPU bfloat16 autocast."""
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        return reference(module, batches, **kwargs)
+
+
+TRUE_DTYPES = {"bf16-true": torch.bfloat16, "16-true": torch.float16, "64-true": torch.float64}
+
+
+@pytest.mark.parametrize("precision", list(TRUE_DTYPES))
+def test_true_precision_calibrates_on_converted_batches(tmp_path: Any, precision: str) -> None:
+    dtype = TRUE_DTYPES[precision]
+    calib = loader(48, seed=1)
+    snap, callback = Snapshot(), RecalibrateBN(calib)
+    module = LitNet()
+    trainer(tmp_path, [snap, callback], max_steps=2, precision=precision).fit(module, loader())
+
+    assert snap.module is not None and snap.module.net[0].weight.dtype == dtype
+    # as the trainer feeds them: cast to the module's dtype before the hooks scale them
+    batches = [(b["x"].to(dtype) / SCALE, b["y"]) for b in calib]
+    expected = reference(snap.module, batches)
+    # The same activations, merged in float64 and rounded once to the buffers' dtype: identical.
+    assert_same(bn_state(module), expected)
+    assert all(v.dtype == dtype for v in expected.values())
+    assert not torch.equal(expected["net.1.running_var"], torch.ones(4, dtype=dtype))
+    # ...and near the float32 statistics of the same weights: bfloat16 rounds each input, weight
+    # and activation to 8 significant bits (2**-9 relative, ~1e-3 on these values below 0.5) and
+    # averaging shrinks it (measured for bf16-true: at most 5e-4; float16 keeps 11 bits, float64
+    # more than float32); the stale values are 0 and 1.
+    wide = reference(copy.deepcopy(snap.module).float(), transferred(calib))
+    for key, value in wide.items():
+        torch.testing.assert_close(expected[key].float(), value, rtol=1e-2, atol=2e-3, msg=key)
+
+
+def test_mixed_precision_calibrates_under_autocast(tmp_path: Any) -> None:
+    calib = loader(48, seed=1)
+    snap, callback = Snapshot(), RecalibrateBN(calib)
+    module = LitNet()
+    trainer(tmp_path, [snap, callback], max_steps=2, precision="bf16-mixed").fit(module, loader())
+
+    assert snap.module is not None
+    expected = bf16_stats(snap.module, transferred(calib))
+    assert_same(bn_state(module), expected)  # the same autocast forward, the same statistics
+    plain = reference(snap.module, transferred(calib))
+    assert not torch.equal(expected["net.1.running_var"], plain["net.1.running_var"])
 
 
 class EndlessBlobs(torch.utils.data.IterableDataset):

@@ -21,9 +21,16 @@ import bnfix
 
 pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import (
+    Trainer,
+    TrainerCallback,
+    TrainerControl,
+    TrainerState,
+    TrainingArguments,
+)
 
-from bnfix.integrations.transformers import RecalibrateBNCallback
+import bnfix.integrations.transformers as integration
+from bnfix.integrations.transformers import DDP_BATCHES, RecalibrateBNCallback
 
 pytestmark = [pytest.mark.filterwarnings("ignore::FutureWarning")]
 
@@ -165,7 +172,7 @@ def test_given_loader_matches_direct_recalibrate(tmp_path: Any) -> None:
 
 
 def test_default_loader_closes_the_gap(tmp_path: Any) -> None:
-    snap, callback = Snapshot(), RecalibrateBNCallback()
+    snap, callback = Snapshot(), RecalibrateBNCallback(num_batches=4)  # 4 x 16: the whole loader
     model, _ = train(tmp_path, [snap, callback], max_steps=24)
 
     assert snap.model is not None and callback.report is not None
@@ -214,3 +221,70 @@ def test_import_error_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delitem(sys.modules, "bnfix.integrations.transformers")
     with pytest.raises(ImportError, match=r"pip install bnfix\[transformers\]"):
         importlib.import_module("bnfix.integrations.transformers")
+
+
+class Stream(torch.utils.data.IterableDataset):
+    """A streaming dataset: endless in use, here refusing to go past ``limit`` samples."""
+
+    def __init__(self, limit: int = 1600) -> None:
+        self.limit = limit
+
+    def __iter__(self) -> Any:
+        data = Blobs(64, seed=5)
+        for i in range(self.limit):
+            yield data[i % len(data)]
+        raise RuntimeError(f"read {self.limit} samples of an endless stream")
+
+
+def test_default_stops_on_an_endless_stream(tmp_path: Any) -> None:
+    snap, callback = Snapshot(), RecalibrateBNCallback()
+    model = Net()
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        report_to=[],
+        use_cpu=True,
+        max_steps=3,
+        per_device_train_batch_size=16,
+        save_strategy="no",
+        logging_strategy="no",
+        disable_tqdm=True,
+    )
+    Trainer(model=model, args=args, train_dataset=Stream(), callbacks=[snap, callback]).train()
+
+    assert snap.model is not None and callback.report is not None
+    batches = callback.report.batches
+    assert 1 < batches < 100  # "auto" stopped, far before the stream's end
+    stream = iter(DataLoader(Stream(), batch_size=16))
+    first = [next(stream) for _ in range(batches)]  # a new pass starts at the beginning
+    expected = reference(snap.model, first, num_batches="auto", forward_fn=call_with_kwargs)
+    assert_same(bn_state(model), expected)
+
+
+class Stop(Exception):
+    """Raised by a stand-in recalibrate once it has seen its arguments."""
+
+
+def test_options_are_checked_again_when_ddp_starts(monkeypatch: pytest.MonkeyPatch) -> None:
+    world = object()  # stands for torch.distributed.group.WORLD once torchrun started it
+    args = TrainingArguments(output_dir="unused", report_to=[], use_cpu=True)
+    refused = [RecalibrateBNCallback(momentum=0.1), RecalibrateBNCallback(num_batches="auto")]
+    fine = [RecalibrateBNCallback(), RecalibrateBNCallback(num_batches=7)]
+    monkeypatch.setattr(integration, "process_group", lambda world_size: world)
+    for callback in refused:
+        with pytest.raises(ValueError, match="process_group"):
+            callback.on_train_begin(args, TrainerState(), TrainerControl())
+    seen: list[dict[str, Any]] = []
+
+    def recalibrate(model: nn.Module, loader: Any, **kwargs: Any) -> None:
+        seen.append(kwargs)
+        raise Stop
+
+    monkeypatch.setattr(bnfix, "recalibrate", recalibrate)
+    for callback in fine:
+        callback.on_train_begin(args, TrainerState(), TrainerControl())
+        with pytest.raises(Stop):
+            callback.on_train_end(args, TrainerState(), TrainerControl(), Net(), [torch.ones(2)])
+    assert [(k["num_batches"], k["process_group"]) for k in seen] == [
+        (DDP_BATCHES, world),
+        (7, world),
+    ]

@@ -8,17 +8,20 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import nn
 
 import bnfix
-from bnfix.plan import Plan
+from bnfix.batches import ForwardFn
+from bnfix.plan import NumBatches, Plan
 
 __all__ = [
     "ALLOWED_OPTIONS",
+    "DDP_BATCHES",
     "check_options",
+    "default_batches",
     "kwargs_forward",
     "missing_framework",
     "process_group",
@@ -31,6 +34,10 @@ logger = logging.getLogger(__name__)
 # number of batches, the forward, the device (the model's own) and, under DDP, the process group.
 ALLOWED_OPTIONS = frozenset({"momentum", "layers", "dropout", "progress", "tol", "process_group"})
 
+# Batches per rank when a callback chooses the bound under DDP: ``num_batches="auto"`` is refused
+# with a process group (ranks would stop at different batches), so a fixed bound stands in for it.
+DDP_BATCHES = 50
+
 
 def missing_framework(package: str, extra: str, error: ImportError) -> ImportError:
     """The one ImportError an integration raises when its framework is not installed."""
@@ -41,15 +48,19 @@ def missing_framework(package: str, extra: str, error: ImportError) -> ImportErr
 
 
 def check_options(
-    options: Mapping[str, Any], num_batches: Any, forward_fn: Any, group: Any = None
+    options: Mapping[str, Any],
+    num_batches: NumBatches,
+    forward_fn: Optional[ForwardFn],
+    group: Any = None,
 ) -> None:
-    """Validate the callback's recalibrate options when the callback is built, not after training.
+    """Validate a callback's recalibrate options before training, not after it.
 
     :meth:`bnfix.plan.Plan.build` is the validation ``recalibrate`` itself runs first, so the rules
     and messages are the library's own (a ``layers`` glob is checked against the model later, when
-    it is known). ``group`` is the process group the callback will pass, so that combinations
-    ``recalibrate`` refuses under several ranks (an EMA momentum, ``num_batches="auto"``) are
-    refused here too.
+    it is known). ``group`` is the process group the callback will pass (an explicit
+    ``process_group`` option wins): the callbacks call this once when built, with no group, and
+    once more when training starts and the group is known, because ``recalibrate`` refuses some
+    combinations under several ranks (an EMA momentum, ``num_batches="auto"``).
 
     Raises:
         TypeError: an option ``recalibrate`` has but the callback decides itself, or an unknown one.
@@ -61,17 +72,23 @@ def check_options(
             f"Expected recalibrate options among {sorted(ALLOWED_OPTIONS)}, but got {unknown}; the "
             "callback chooses the loader, the device (the model's own) and the batch transfer"
         )
-    group = options.get("process_group", group)
-    if group is None and torch.distributed.is_available() and torch.distributed.is_initialized():
-        # already under several processes (torchrun + TrainingArguments): check as the callback
-        # will run, and keep recalibrate's once-per-process "no process_group" warning unspent
-        group = process_group(torch.distributed.get_world_size())
     Plan.build(
         num_batches=num_batches,
         forward_fn=forward_fn,
-        process_group=group,
+        process_group=options.get("process_group", group),
         **{k: v for k, v in options.items() if k != "process_group"},
     )
+
+
+def default_batches(num_batches: NumBatches, group: Any) -> NumBatches:
+    """``num_batches``, or where it is None the bound a callback picks itself.
+
+    ``"auto"`` (stop once the estimates are precise to ``tol``) on one process; under a process
+    group, where every rank must run the same number of batches, :data:`DDP_BATCHES` per rank.
+    """
+    if num_batches is not None:
+        return num_batches
+    return DDP_BATCHES if group is not None else "auto"
 
 
 def process_group(world_size: int) -> Any:

@@ -23,18 +23,23 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterable, Iterator, Mapping
-from typing import Any, Optional, Union
+from contextlib import AbstractContextManager
+from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
 
 import bnfix
+from bnfix.batches import ForwardFn
 from bnfix.integrations._common import (
+    DDP_BATCHES,
     check_options,
+    default_batches,
     missing_framework,
     process_group,
     report_metrics,
 )
+from bnfix.plan import NumBatches
 
 try:
     import lightning.pytorch as pl
@@ -48,16 +53,13 @@ logger = logging.getLogger(__name__)
 
 WHEN = ("train_end", "validation")
 
-# Batches per rank before each validation under DDP: bnfix's num_batches="auto" is refused with a
-# process group (ranks would stop at different batches), so a fixed bound stands in for it.
-DDP_VALIDATION_BATCHES = 50
+# Batches per rank before each validation under DDP (see bnfix.integrations._common.DDP_BATCHES).
+DDP_VALIDATION_BATCHES = DDP_BATCHES
 
 _AVERAGING = ("WeightAveraging", "StochasticWeightAveraging")
 _LIGHTNING_PACKAGES = ("lightning.pytorch", "pytorch_lightning")
 _MODULE = ("LightningModule",)
 _BN_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
-
-NumBatches = Union[None, int, str]
 
 
 class RecalibrateBN(Callback):
@@ -65,11 +67,14 @@ class RecalibrateBN(Callback):
 
     It runs on the module's own device, with the weights the user is left with.
 
-    Batches reach the module the way the trainer sends them: the module's (or datamodule's)
-    ``on_before_batch_transfer``, ``transfer_batch_to_device`` and ``on_after_batch_transfer``
-    hooks, then ``pl_module(input)`` (a tensor, a tuple's first element, or a dict's input key),
-    or ``forward_fn(pl_module, batch)``. Dropout stays off and every module's train/eval flag is
-    restored, as in :func:`bnfix.recalibrate`.
+    Batches reach the module the way the trainer sends them: the precision plugin's
+    ``convert_input`` (``bf16-true`` casts floating tensors to bfloat16), the module's (or
+    datamodule's) ``on_before_batch_transfer``, ``transfer_batch_to_device`` and
+    ``on_after_batch_transfer`` hooks, then ``pl_module(input)`` (a tensor, a tuple's first
+    element, or a dict's input key), or ``forward_fn(pl_module, batch)``, inside the precision
+    plugin's ``forward_context`` (autocast with ``*-mixed``), so the statistics are those of the
+    forward the trainer runs. Dropout stays off and every module's train/eval flag is restored,
+    as in :func:`bnfix.recalibrate`.
 
     Checkpoints: ``ModelCheckpoint(save_last=True)`` may already have written ``last.ckpt`` for the
     final step before ``on_train_end`` (its own ``on_train_end`` then saves nothing), so an existing
@@ -110,7 +115,8 @@ class RecalibrateBN(Callback):
         report: the :class:`bnfix.Report` of the latest recalibration (None before the first).
 
     Raises:
-        ValueError, TypeError: bad options (at construction) or a callback order that would
+        ValueError, TypeError: bad options (at construction; at ``setup`` those refused only
+            under DDP, an EMA momentum or ``num_batches="auto"``) or a callback order that would
             recalibrate weights about to be replaced (at ``setup``).
         bnfix.BnfixError: a module without ``forward`` and no ``forward_fn`` (at ``setup``), no
             training dataloader to calibrate on, or :func:`bnfix.recalibrate`'s own failures.
@@ -122,15 +128,14 @@ class RecalibrateBN(Callback):
         *,
         when: str = "train_end",
         num_batches: NumBatches = None,
-        forward_fn: Optional[Any] = None,
+        forward_fn: Optional[ForwardFn] = None,
         **recalibrate_kwargs: Any,
     ) -> None:
         if when not in WHEN:
             raise ValueError(f"Expected `when` to be one of {list(WHEN)}, but got {when!r}")
+        # The process group is known at setup; before validation a None num_batches becomes a
+        # bound that is valid with or without one, so this one check covers both uses.
         check_options(recalibrate_kwargs, num_batches, forward_fn)
-        if when == "validation":
-            group = recalibrate_kwargs.get("process_group")
-            check_options(recalibrate_kwargs, _validation_batches(num_batches, group), forward_fn)
         self.dataloader = dataloader
         self.when = when
         self.num_batches = num_batches
@@ -150,10 +155,8 @@ class RecalibrateBN(Callback):
         self._group = self.options.get("process_group")
         if self._group is None:
             self._group = process_group(trainer.world_size)
-        check_options(self.options, self.num_batches, self.forward_fn, self._group)
-        if self.when == "validation":
-            batches = _validation_batches(self.num_batches, self._group)
-            check_options(self.options, batches, self.forward_fn, self._group)
+            if self._group is not None:  # what __init__ could not check: the options under DDP
+                check_options(self.options, self.num_batches, self.forward_fn, self._group)
         self.report = None
         self._final_stats = {}
 
@@ -166,15 +169,12 @@ class RecalibrateBN(Callback):
         if self.when != "validation" or trainer.sanity_checking or trainer.state.fn != "fit":
             return
         with torch.random.fork_rng(devices=[]):
-            self._recalibrate(
-                trainer, pl_module, _validation_batches(self.num_batches, self._group)
-            )
+            self._recalibrate(trainer, pl_module, default_batches(self.num_batches, self._group))
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Recalibrate the final weights, then rewrite an existing ``last.ckpt`` with them."""
-        self._recalibrate(trainer, pl_module, self.num_batches)
-        assert self.report is not None
-        self._final_stats = _bn_buffers(pl_module, self.report)
+        report = self._recalibrate(trainer, pl_module, self.num_batches)
+        self._final_stats = _bn_buffers(pl_module, report)
         _rewrite_last_checkpoints(trainer)
 
     def on_save_checkpoint(
@@ -192,29 +192,43 @@ class RecalibrateBN(Callback):
 
     def _recalibrate(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, num_batches: NumBatches
-    ) -> None:
+    ) -> bnfix.Report:
         loader = self.dataloader if self.dataloader is not None else _train_loader(trainer)
         options = {**self.options, "process_group": self._group}
-        self.report = bnfix.recalibrate(
-            pl_module,
-            _TransferredBatches(loader, trainer, pl_module),
-            num_batches=num_batches,
-            forward_fn=self.forward_fn,
-            **options,
-        )
-        metrics = report_metrics(self.report)
+        with _forward_context(trainer):
+            report = bnfix.recalibrate(
+                pl_module,
+                _TransferredBatches(loader, trainer, pl_module),
+                num_batches=num_batches,
+                forward_fn=self.forward_fn,
+                **options,
+            )
+        self.report = report
+        metrics = report_metrics(report)
         logger.info("bnfix recalibrated BatchNorm statistics: %s", metrics)
         if trainer.is_global_zero:
             for each in trainer.loggers:
                 each.log_metrics(metrics, step=trainer.global_step)
                 each.save()
+        return report
+
+
+def _forward_context(trainer: pl.Trainer) -> AbstractContextManager[Any]:
+    """The precision plugin's context around the module's forward during training.
+
+    Autocast with ``*-mixed``, the default dtype with ``*-true``: without it a ``bf16-mixed``
+    module would be calibrated on float32 activations it never sees in training or evaluation.
+    """
+    return trainer.precision_plugin.forward_context()
 
 
 class _TransferredBatches:
     """The loader's batches as the trainer sends them to the module.
 
-    First the before-transfer hook, then the strategy's device transfer (which calls
-    ``transfer_batch_to_device`` and ``on_after_batch_transfer``).
+    First the precision plugin's ``convert_input`` (floating tensors cast to the ``*-true``
+    dtype, as the training loop does before any hook), then the before-transfer hook, then the
+    strategy's device transfer (which calls ``transfer_batch_to_device`` and
+    ``on_after_batch_transfer``).
 
     A lazy iterable, so ``recalibrate``'s ``num_batches`` bound stops the transfers too; the
     module's ``_on_before_batch_transfer`` is what Lightning's data fetchers call (it picks the
@@ -234,14 +248,9 @@ class _TransferredBatches:
         if before is None:
             before = self._module.on_before_batch_transfer
         device = self._module.device
+        convert = self._trainer.precision_plugin.convert_input
         for batch in self._loader:
-            yield self._trainer.strategy.batch_to_device(before(batch, 0), device, 0)
-
-
-def _validation_batches(num_batches: NumBatches, group: Any) -> NumBatches:
-    if num_batches is not None:
-        return num_batches
-    return DDP_VALIDATION_BATCHES if group is not None else "auto"
+            yield self._trainer.strategy.batch_to_device(before(convert(batch), 0), device, 0)
 
 
 def _from_lightning(cls: type, names: tuple[str, ...]) -> bool:
@@ -251,10 +260,13 @@ def _from_lightning(cls: type, names: tuple[str, ...]) -> bool:
 def _check_order(trainer: pl.Trainer, callback: RecalibrateBN) -> None:
     """Refuse a weight-averaging callback after ``callback``.
 
-    It would replace the weights after the statistics were computed for the old ones.
+    It would replace the weights after the statistics were computed for the old ones. A callback
+    the trainer does not hold (``setup`` called by hand) has no order to check.
     """
     callbacks = list(trainer.callbacks)  # type: ignore[attr-defined]  # set by its connector
-    index = next(i for i, cb in enumerate(callbacks) if cb is callback)
+    index = next((i for i, cb in enumerate(callbacks) if cb is callback), None)
+    if index is None:
+        return
     for later in callbacks[index + 1 :]:
         if any(_from_lightning(cls, _AVERAGING) for cls in type(later).__mro__):
             name = type(later).__name__

@@ -28,20 +28,24 @@ from typing import Any, Optional
 from torch import nn
 
 import bnfix
+from bnfix.batches import ForwardFn
 from bnfix.integrations._common import (
+    DDP_BATCHES,
     check_options,
+    default_batches,
     kwargs_forward,
     missing_framework,
     process_group,
     report_metrics,
 )
+from bnfix.plan import NumBatches
 
 try:
     from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 except ImportError as _error:
     raise missing_framework("transformers", "transformers", _error) from _error
 
-__all__ = ["RecalibrateBNCallback"]
+__all__ = ["DDP_BATCHES", "RecalibrateBNCallback"]
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +66,12 @@ class RecalibrateBNCallback(TrainerCallback):
 
     Args:
         dataloader: the calibration loader; None: the trainer's training dataloader.
-        num_batches: at most this many batches (None: the whole loader), or "auto".
+        num_batches: at most this many batches, or ``"auto"`` (stop once the estimates are
+            precise to ``tol``). None (default) picks a bound: ``"auto"`` on one process, and
+            :data:`DDP_BATCHES` per process under several, where ``"auto"`` is refused (ranks
+            would stop at different batches). Never the whole training set by default: that is a
+            full extra epoch, and an endless one on a streaming ``IterableDataset``; to use a
+            whole loader pass an int at least its length.
         forward_fn: ``forward_fn(model, batch)`` for another batch layout (the batch is moved to the
             model's device first when it is not there yet).
         **recalibrate_kwargs: ``momentum``, ``layers``, ``dropout``, ``progress``, ``tol`` or
@@ -73,7 +82,8 @@ class RecalibrateBNCallback(TrainerCallback):
         report: the :class:`bnfix.Report` of the recalibration (None before training ends).
 
     Raises:
-        ValueError, TypeError: bad options (at construction).
+        ValueError, TypeError: bad options (at construction; at ``on_train_begin`` those refused
+            only with several processes, an EMA momentum or ``num_batches="auto"``).
         bnfix.BnfixError: no model or dataloader at the end of training, or
             :func:`bnfix.recalibrate`'s own failures.
     """
@@ -82,16 +92,26 @@ class RecalibrateBNCallback(TrainerCallback):
         self,
         dataloader: Optional[Iterable[Any]] = None,
         *,
-        num_batches: Any = None,
-        forward_fn: Optional[Any] = None,
+        num_batches: NumBatches = None,
+        forward_fn: Optional[ForwardFn] = None,
         **recalibrate_kwargs: Any,
     ) -> None:
+        # The process group is not known yet (torch.distributed may start after this callback is
+        # built); on_train_begin checks what depends on it.
         check_options(recalibrate_kwargs, num_batches, forward_fn)
         self.dataloader = dataloader
         self.num_batches = num_batches
         self.forward_fn = forward_fn
         self.options = dict(recalibrate_kwargs)
         self.report: Optional[bnfix.Report] = None
+
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        """Refuse, before training, options ``recalibrate`` would refuse under several processes."""
+        group = self._group(args)
+        if group is not None and self.options.get("process_group") is None:
+            check_options(self.options, self.num_batches, self.forward_fn, group)
 
     def on_train_end(
         self,
@@ -111,16 +131,19 @@ class RecalibrateBNCallback(TrainerCallback):
                 "pass RecalibrateBNCallback(dataloader=...) or call bnfix.recalibrate(model, loader) "
                 "after trainer.train()"
             )
-        group = self.options.get("process_group")
-        if group is None:
-            group = process_group(args.world_size)
+        group = self._group(args)
         self.report = bnfix.recalibrate(
             model,
             loader,
-            num_batches=self.num_batches,
+            num_batches=default_batches(self.num_batches, group),
             forward_fn=self.forward_fn or kwargs_forward,
             **{**self.options, "process_group": group},
         )
         metrics = report_metrics(self.report)
         state.log_history.append({**metrics, "step": state.global_step})
         logger.info("bnfix recalibrated BatchNorm statistics: %s", metrics)
+
+    def _group(self, args: TrainingArguments) -> Any:
+        """The ``process_group`` option, else the default group with several processes."""
+        group = self.options.get("process_group")
+        return group if group is not None else process_group(args.world_size)
