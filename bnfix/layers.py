@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import logging
 import types
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -28,13 +29,17 @@ __all__ = [
     "bn_mode",
     "check_lazy",
     "dropout_layers",
+    "eager",
     "elements_per_channel",
     "is_dropout",
     "named_modules",
     "select_layers",
     "skipped_norm_layers",
     "unwrap",
+    "user_model",
 ]
+
+logger = logging.getLogger(__name__)
 
 LayerSelector = Union[None, str, Sequence[str], Callable[[str, nn.Module], bool]]
 
@@ -67,6 +72,45 @@ def unwrap(model: nn.Module) -> nn.Module:
             model = model._orig_mod  # type: ignore[assignment]
         else:
             return model
+
+
+# Wrappers that hold a copy of the user's model in ``.module`` and call it from their forward
+# (torch.optim.swa_utils.AveragedModel, timm's ModelEma*): their own ``training`` flag says nothing
+# about the model inside (timm keeps the EMA wrapper in train mode and ``.module`` in eval mode).
+_AVERAGING_WRAPPERS = frozenset({"AveragedModel", "ModelEma", "ModelEmaV2", "ModelEmaV3"})
+
+
+def user_model(model: nn.Module) -> nn.Module:
+    """The model whose flags mean what the user set: :func:`unwrap`, then through EMA wrappers.
+
+    Names are not taken from it (``layers=`` globs of an ``AveragedModel`` keep their
+    ``module.`` prefix); only questions like "was the model in train mode?" are.
+    """
+    model = unwrap(model)
+    while type(model).__name__ in _AVERAGING_WRAPPERS and isinstance(
+        getattr(model, "module", None), nn.Module
+    ):
+        model = unwrap(model.module)  # type: ignore[arg-type]
+    return model
+
+
+@contextlib.contextmanager
+def eager(model: nn.Module) -> Iterator[None]:
+    """Run ``model`` eagerly inside, even if it was compiled (``torch.compile(m)`` or ``m.compile()``).
+
+    A compiled model would trace bnfix's hooks with dynamo on every pass (graph breaks at host
+    reads, recompilations per layer): correct but 20-600x slower than eager for a pass that runs a
+    few batches once. ``torch.compiler.set_stance("force_eager")`` (torch >= 2.6) runs every
+    compiled frame eagerly without dropping the user's compiled code for later; compiled code
+    is also left alone on exit. ``model`` is only named for the debug log.
+    """
+    compiled = isinstance(getattr(model, "_orig_mod", None), nn.Module) or any(
+        getattr(m, "_compiled_call_impl", None) is not None for m in model.modules()
+    )
+    if compiled:
+        logger.debug("%s is compiled: running bnfix's pass eagerly", type(model).__name__)
+    with torch.compiler.set_stance("force_eager"):
+        yield
 
 
 def named_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -167,7 +211,7 @@ def select_layers(model: nn.Module, layers: LayerSelector) -> Selection:
             "purpose?); they were recalibrated too, exclude them with `layers=` if that is wrong: "
             + ", ".join(eval_names)
         )
-    elif chosen and modes == {False} and model.training:
+    elif chosen and modes == {False} and user_model(model).training:
         notes.append(
             "every selected BatchNorm layer was in eval mode inside a train-mode model (BN frozen "
             "for fine-tuning?); they were recalibrated, pass `layers=` to leave some alone"
@@ -212,7 +256,6 @@ def bn_mode(
     *,
     dropout: bool = False,
     momentum: float | None = None,
-    restore_buffers: bool = True,
 ) -> Iterator[None]:
     """Run ``model`` with only ``train_bn`` (and optionally dropout) in train mode; restore on exit.
 
@@ -220,8 +263,8 @@ def bn_mode(
     Dropout family). Only the ``training`` flag of the BN modules themselves is set, never their
     children: timm's ``BatchNormAct2d`` can hold a DropBlock that must stay off. SyncBatchNorm runs
     as a local BN. On exit, however it happens (an exception, KeyboardInterrupt), every flag, every
-    BN momentum and forward override is put back, and with ``restore_buffers`` every buffer of the
-    given BN modules is copied back bit for bit (``copy_``, never rebinding, so DDP and
+    BN momentum and forward override is put back, and every buffer of the given BN modules is
+    copied back bit for bit (``copy_``, never rebinding, so DDP and
     ``state_dict`` views stay valid).
 
     Args:
@@ -229,19 +272,13 @@ def bn_mode(
         train_bn: BN modules to run in train mode (batch statistics).
         dropout: also run Dropout-family modules in train mode.
         momentum: if not None, the momentum the train-mode BN modules run with meanwhile.
-        restore_buffers: restore the buffers of ``train_bn`` on exit (set False when the caller
-            writes final values itself and restores only on failure).
     """
     flags = [(m, m.training) for m in model.modules()]
     momenta = [(m, m.momentum) for m in train_bn]
     overrides = [
         (m, m.__dict__.get("forward")) for m in train_bn if isinstance(m, nn.SyncBatchNorm)
     ]
-    saved = (
-        [(b, b.clone()) for m in train_bn for b in m.buffers(recurse=False)]
-        if restore_buffers
-        else []
-    )
+    saved = [(b, b.clone()) for m in train_bn for b in m.buffers(recurse=False)]
     try:
         for module, _ in flags:
             module.training = False

@@ -12,12 +12,35 @@ numbers.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.nn.utils.rnn import pad_sequence
 
-__all__ = ["Moments", "RowBuffer", "SpreadTracker", "drift", "ema_rows", "moments_of", "pool_rows"]
+__all__ = [
+    "Moments",
+    "RowBuffer",
+    "SpreadTracker",
+    "drift",
+    "drifts",
+    "ema_rows",
+    "host_vector",
+    "moments_of",
+    "pool_rows",
+]
+
+
+def host_vector(values: Sequence[float], device: torch.device) -> Tensor:
+    """A float64 tensor of host numbers on ``device`` without a host sync.
+
+    ``torch.tensor(values, device="cuda")`` copies blocking (a synchronizing call);
+    a non-blocking copy from a fresh CPU tensor is staged by the driver and returns at once.
+    """
+    out = torch.tensor(values, dtype=torch.float64)
+    return out if device.type == "cpu" else out.to(device, non_blocking=True)
 
 
 @dataclass(frozen=True)
@@ -94,9 +117,13 @@ def pool_rows(ns: list[int], means: Tensor, unbiased_vars: Tensor) -> Moments:
     """
     if not ns:
         raise ValueError("Expected at least one row to pool, but got none")
-    n = torch.tensor(ns, dtype=torch.float64, device=means.device)[:, None]
     means64, vars64 = means.to(torch.float64), unbiased_vars.to(torch.float64)
     total = int(sum(ns))
+    if all(k == ns[0] for k in ns):  # equal groups (the usual case): host scalars, no copy
+        mean = means64.mean(dim=0)
+        m2 = (ns[0] - 1) * vars64.sum(dim=0) + ns[0] * (means64 - mean).square().sum(dim=0)
+        return Moments(total, mean, m2)
+    n = host_vector(ns, means.device)[:, None]
     mean = (n * means64).sum(dim=0) / total
     m2 = ((n - 1) * vars64).sum(dim=0) + (n * (means64 - mean).square()).sum(dim=0)
     return Moments(total, mean, m2)
@@ -123,16 +150,17 @@ def ema_rows(
 class RowBuffer:
     """Per-call (n, batch mean, unbiased batch variance) rows, folded in chunks.
 
-    Copying two buffers into a preallocated float64 row is all the per-batch work a layer costs;
-    the merge runs once per chunk, vectorized. On a GPU this keeps the pass free of syncs and of
-    dozens of tiny kernels per layer per batch. Rows of a batch that is later abandoned (skipped)
-    are rolled back; only committed rows are folded.
+    One fused copy of a layer's two buffers into a preallocated float64 row is all the per-batch
+    work a layer costs; the merge runs once per chunk, vectorized. The counts stay on the host
+    (they are known from shapes), so on a GPU the pass has no syncs and no tiny merge kernels per
+    layer per batch. Rows of a batch that is later abandoned (skipped) are rolled back; only
+    committed rows are folded.
     """
 
     def __init__(self, channels: int, device: torch.device, capacity: int = 64) -> None:
         self.capacity = capacity
-        self.means = torch.empty(capacity, channels, dtype=torch.float64, device=device)
-        self.vars = torch.empty_like(self.means)
+        self.rows = torch.empty(capacity, 2, channels, dtype=torch.float64, device=device)
+        self._views: list[tuple[Tensor, Tensor]] = []  # (mean, var) row views, made once each
         self.ns: list[int] = []
         self.tags: list[int] = []
         self.committed = 0
@@ -140,11 +168,14 @@ class RowBuffer:
     def push(self, n: int, mean: Tensor, unbiased_var: Tensor) -> None:
         """Record one call's statistics (pending until :meth:`commit`)."""
         i = len(self.ns)
-        if i == self.means.shape[0]:  # one forward called the layer more often than capacity
-            self.means = torch.cat([self.means, torch.empty_like(self.means)])
-            self.vars = torch.cat([self.vars, torch.empty_like(self.vars)])
-        self.means[i].copy_(mean.detach())
-        self.vars[i].copy_(unbiased_var.detach())
+        if i == self.rows.shape[0]:  # one forward called the layer more often than capacity
+            self.rows = torch.cat([self.rows, torch.empty_like(self.rows)])
+            self._views = []
+        while len(self._views) <= i:
+            row = self.rows[len(self._views)]
+            self._views.append((row[0], row[1]))
+        # One call for both rows (converting to float64): a single kernel launch on a GPU.
+        torch._foreach_copy_(self._views[i], (mean.detach(), unbiased_var.detach()))
         self.ns.append(n)
 
     def rollback(self) -> None:
@@ -166,7 +197,7 @@ class RowBuffer:
         k = self.committed
         if len(self.ns) != k:
             raise RuntimeError("RowBuffer.take() with uncommitted rows; commit or roll back first")
-        out = (self.ns[:k], self.means[:k], self.vars[:k], self.tags[:k])
+        out = (self.ns[:k], self.rows[:k, 0], self.rows[:k, 1], self.tags[:k])
         self.ns, self.tags, self.committed = [], [], 0
         return out
 
@@ -206,14 +237,22 @@ class SpreadTracker:
         a shift that is tiny against ``sqrt(var + eps)`` cannot change the layer's output.
         Returns ``inf`` until two batches have been seen.
         """
+        worst = self.worst_error(pooled, eps)
+        return math.inf if worst is None else float(worst)
+
+    def worst_error(self, pooled: Moments, eps: float) -> Optional[Tensor]:
+        """:meth:`relative_standard_error` as a 0-d tensor left on the device (None: infinite).
+
+        The caller takes the maximum over layers first, so a pass reads one number per batch.
+        """
         if self.k < 2 or self._means is None or self._vars is None or pooled.n < 2:
-            return math.inf
+            return None
         var = pooled.var()
         se_mean = (self._means.var() / self.k).sqrt()
         se_var = (self._vars.var() / self.k).sqrt()
         rel_mean = se_mean / (var + eps).sqrt()
         rel_var = se_var / (var + eps)
-        return float(torch.maximum(rel_mean, rel_var).max())
+        return torch.maximum(rel_mean, rel_var).max()
 
 
 def drift(
@@ -230,3 +269,48 @@ def drift(
     shift = (new_mean - old_mean).abs() / (new_var + eps).sqrt()
     logvar = ((new_var + eps) / (old_var + eps)).log().abs()
     return (float(shift.mean()), float(shift.max()), float(logvar.mean()), float(logvar.max()))
+
+
+def drifts(
+    old_means: Sequence[Tensor],
+    old_vars: Sequence[Tensor],
+    new_means: Sequence[Tensor],
+    new_vars: Sequence[Tensor],
+    eps: Sequence[float],
+) -> list[tuple[bool, tuple[float, float, float, float]]]:
+    """:func:`drift` of many layers at once, with whether each layer's new statistics are finite.
+
+    Every layer's channels are padded with zeros into one ``(layers, max channels)`` matrix
+    (a zero-padded channel has zero shift and zero log ratio, and both are non-negative, so the
+    padding changes neither sums nor maxima); the whole answer reaches the host in one copy, so
+    the cost does not grow with a sync per layer.
+
+    Returns:
+        Per layer ``(finite, (mean shift, max mean shift, |log var ratio|, max |log var ratio|))``.
+    """
+    if not new_means:
+        return []
+    device = new_means[0].device
+
+    def padded(values: Sequence[Tensor]) -> Tensor:
+        moved = [v.detach().to(device, torch.float64) for v in values]
+        return pad_sequence(moved, batch_first=True)
+
+    old_mean, old_var = padded(old_means), padded(old_vars)
+    new_mean, new_var = padded(new_means), padded(new_vars)
+    eps_col = host_vector(list(eps), device)[:, None]
+    channels = host_vector([float(m.numel()) for m in new_means], device)
+    finite = (new_mean.isfinite() & new_var.isfinite()).all(dim=1)
+    shift = (new_mean - old_mean).abs() / (new_var + eps_col).sqrt()
+    logvar = ((new_var + eps_col) / (old_var + eps_col)).log().abs()
+    table = torch.stack(
+        [
+            finite.to(torch.float64),
+            shift.sum(dim=1) / channels,
+            shift.amax(dim=1),
+            logvar.sum(dim=1) / channels,
+            logvar.amax(dim=1),
+        ],
+        dim=1,
+    ).tolist()  # the one host copy
+    return [(bool(row[0]), (row[1], row[2], row[3], row[4])) for row in table]
