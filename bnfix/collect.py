@@ -56,7 +56,7 @@ def _defer_check(x: Tensor) -> bool:
 
 
 def _agreement(module: _BatchNorm, x: Tensor) -> Tensor:
-    """Do the layer's buffers hold the standard PyTorch update for input ``x``? (0-d bool tensor)
+    """A 0-d bool tensor: do the layer's buffers hold the standard update for input ``x``?
 
     Checked once per layer, on its first call, against ``var_mean`` of some of the input's
     channels in the input's own precision (the fast path must stay as fast as a plain forward). The
