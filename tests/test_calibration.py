@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -30,6 +31,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 import bnfix
 from bnfix import BnfixError
+from bnfix.errors import BnfixWarning
 
 # ----------------------------------------------------------------------------------------------
 # exact pooled statistics
@@ -590,17 +592,6 @@ def test_batch_of_one_with_1x1_spatial(images: Tensor) -> None:
     assert_unchanged(model, snap)
 
 
-def test_class_sorted_loader_warns(images: Tensor) -> None:
-    sorted_loader = [
-        (x, torch.full((x.shape[0],), i % 3)) for i, x in enumerate(split(images, SPLIT))
-    ]
-    report = bnfix.recalibrate(make_convnet(), sorted_loader)
-    assert any("class-sorted" in w for w in report.warnings)
-    shuffled = [(x, torch.arange(x.shape[0]) % 3) for x in split(images, SPLIT)]
-    report = bnfix.recalibrate(make_convnet(), shuffled)
-    assert not any("class-sorted" in w for w in report.warnings)
-
-
 def test_momentum_zero_and_none_layers_recalibrated(images: Tensor) -> None:
     model = make_convnet()
     model.bn0.momentum = 0.0
@@ -730,7 +721,8 @@ def test_auto_stops_once_the_standard_error_is_small(images: Tensor) -> None:
     assert 5 <= report.batches < 16
     assert report.relative_standard_error is not None and report.relative_standard_error <= 0.5
     assert_close_stats(model.bn0, *ref_moments(images[: 8 * report.batches]))
-    strict = bnfix.recalibrate(make_convnet(), batches, num_batches="auto", tol=1e-6)
+    with pytest.warns(BnfixWarning, match="ran out of data"):
+        strict = bnfix.recalibrate(make_convnet(), batches, num_batches="auto", tol=1e-6)
     assert strict.batches == 16 and strict.relative_standard_error > 1e-6
     assert "relative standard error of the estimates" in str(strict)
     assert any("ran out of data" in w for w in strict.warnings)
@@ -824,25 +816,25 @@ def test_layers_after_a_renorm_like_subclass(images: Tensor) -> None:
     assert_close_stats(model[2], *pooled(seen["2"]))
 
 
-def test_sorted_loader_with_straddling_batches_still_warns(images: Tensor) -> None:
-    """3 classes of 40 in batches of 16: two batches straddle classes, the rest are pure."""
+def test_class_sorted_loader_warns(images: Tensor) -> None:
+    """Pure batches, then 3 classes of 40 in batches of 16 (two batches straddle two classes)."""
+    pure = [(x, torch.full((x.shape[0],), i % 3)) for i, x in enumerate(split(images, SPLIT))]
+    with pytest.warns(BnfixWarning, match="class-sorted"):
+        report = bnfix.recalibrate(make_convnet(), pure)
+    assert any("class-sorted" in w for w in report.warnings)
     labels = torch.arange(3).repeat_interleave(40)
     data = images[:120]
     batches = [(data[i : i + 16], labels[i : i + 16]) for i in range(0, 120, 16)]
-    report = bnfix.recalibrate(make_convnet(), batches)
+    with pytest.warns(BnfixWarning, match="class-sorted"):
+        report = bnfix.recalibrate(make_convnet(), batches)
     assert any("class-sorted" in w for w in report.warnings)
+    shuffled_pure = [(x, torch.arange(x.shape[0]) % 3) for x in split(images, SPLIT)]
+    assert not any(
+        "class-sorted" in w for w in bnfix.recalibrate(make_convnet(), shuffled_pure).warnings
+    )
     shuffled = labels[torch.randperm(120, generator=torch.Generator().manual_seed(0))]
     mixed = [(data[i : i + 16], shuffled[i : i + 16]) for i in range(0, 120, 16)]
     assert not any("class-sorted" in w for w in bnfix.recalibrate(make_convnet(), mixed).warnings)
-
-
-def test_auto_that_runs_out_of_data_says_so(images: Tensor) -> None:
-    report = bnfix.recalibrate(
-        make_convnet(), split(images, (16,) * 8), num_batches="auto", tol=1e-6
-    )
-    assert report.batches == 8
-    assert any("ran out of data" in w for w in report.warnings)
-    assert "relative standard error of the estimates" in str(report)
 
 
 def test_callable_selecting_nothing_says_so(images: Tensor) -> None:
@@ -887,3 +879,142 @@ def test_numpy_scalars_are_accepted(images: Tensor) -> None:
     assert report.batches == 3
     report = bnfix.recalibrate(make_convnet(), split(images, SPLIT), momentum=np.float32(0.5))
     assert report.method == "ema"
+
+
+# ----------------------------------------------------------------------------------------------
+# notes as warnings, the EMA note, the device-side first-call check, host reads
+
+
+@pytest.mark.parametrize(
+    ("momentum", "note"),
+    [
+        (
+            0.01,
+            r"momentum=0.01 over 6 batch\(es\) keeps 94% .* about 230 batches would keep under 10%",
+        ),
+        (
+            "layer",
+            r"momentum='layer' over 6 batch\(es\) keeps 53% .*\(1 - 0.1\)\^6.* about 22 batches",
+        ),
+    ],
+)
+def test_an_ema_that_keeps_most_old_statistics_warns(
+    images: Tensor, momentum: Any, note: str
+) -> None:
+    batches = split(images[:96], (16,) * 6)
+    with pytest.warns(BnfixWarning, match=note):
+        report = bnfix.recalibrate(make_convnet(), batches, momentum=momentum)
+    assert any("would keep under 10%" in w for w in report.warnings)
+
+
+@pytest.mark.parametrize("momentum", ["exact", 0.5])
+def test_no_ema_note_when_the_old_statistics_are_mostly_replaced(
+    images: Tensor, momentum: Any
+) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", BnfixWarning)
+        report = bnfix.recalibrate(make_convnet(), split(images[:96], (16,) * 6), momentum=momentum)
+    assert report.warnings == ()
+
+
+def test_unused_layers_and_no_bn_are_warnings(images: Tensor) -> None:
+    with pytest.warns(BnfixWarning, match="saw no data"):
+        bnfix.recalibrate(Branchy(), split(images, SPLIT))
+    with pytest.warns(BnfixWarning, match="no BatchNorm layer"):
+        bnfix.recalibrate(nn.Sequential(nn.Conv2d(3, 3, 1)), split(images, SPLIT))
+
+
+@pytest.mark.parametrize("cls", [NoUpdateBN, OwnEmaBN, nn.BatchNorm2d])
+def test_first_call_checked_on_the_device_gives_the_same_answer(
+    images: Tensor, cls: type, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The GPU path (verdict read after the first batch) on the CPU: same paths, same numbers."""
+    torch.manual_seed(0)
+    layers = (nn.Conv2d(3, 4, 3), cls(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.BatchNorm2d(4))
+    model = randomize_bn(nn.Sequential(*layers))
+    twin = copy.deepcopy(model)
+    # The first batch is skipped at the last layer, after the checked layer's first call.
+    batches = [images[:1], *split(images[1:], (1, 7, 24, 32, 63))]
+    at_once = bnfix.recalibrate(model, batches)
+    monkeypatch.setattr("bnfix.collect._defer_check", lambda x: True)
+    deferred = bnfix.recalibrate(twin, batches)
+    assert [lr.path for lr in deferred.layers] == [lr.path for lr in at_once.layers]
+    expected = "fast" if cls is nn.BatchNorm2d else "fallback"
+    assert [lr.path for lr in deferred.layers] == [expected, "fast"]
+    assert deferred.skipped_batches == at_once.skipped_batches == 2
+    seen = captured_bn_inputs(model, [b for b in batches if len(b) > 1])
+    for index in ("1", "4"):
+        for m in (model, twin):
+            assert_close_stats(m[int(index)], *pooled(seen[index]))
+
+
+def test_an_error_inside_a_bn_layer_propagates_unchanged(images: Tensor) -> None:
+    model = make_convnet()
+    snap = snapshot(model)
+    with pytest.raises(RuntimeError, match="running_mean should contain"):
+        bnfix.recalibrate(nn.Sequential(model.conv1, model.conv2, model.bn1), split(images, SPLIT))
+    assert_unchanged(model, snap)
+
+
+class _Deep(nn.Module):
+    def __init__(self, blocks: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            *[nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3)) for _ in range(blocks)]
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.body(x)
+
+
+def test_host_reads_do_not_grow_with_layers_or_batches(
+    images: Tensor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every way a tensor value reaches Python is counted: the count is the same for 2 or 12
+    layers and 3 or 12 batches (on a GPU each is a sync; the CUDA test checks the real thing)."""
+    reads = []
+
+    def counting(name: str) -> Any:
+        original = getattr(torch.Tensor, name)
+
+        def read(self: Tensor, *args: Any) -> Any:
+            reads.append(name)
+            return original(self, *args)
+
+        return read
+
+    counts = {}
+    for layers, count in ((2, 3), (12, 3), (12, 12)):
+        model = _Deep(layers)
+        batches = split(images[: 8 * count], (8,) * count)
+        bnfix.recalibrate(model, batches)  # warm-up, as a real user's second call
+        with monkeypatch.context() as patch:
+            for name in ("item", "tolist", "__bool__", "__float__", "__int__", "__index__"):
+                patch.setattr(torch.Tensor, name, counting(name))
+            reads.clear()
+            bnfix.recalibrate(model, batches)
+        counts[(layers, count)] = list(reads)
+    assert counts[(2, 3)] == counts[(12, 3)] == counts[(12, 12)]
+    assert len(counts[(2, 3)]) <= 2, counts[(2, 3)]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("num_batches", [None, "auto"])
+def test_cuda_syncs_per_call_are_constant(images: Tensor, num_batches: Any) -> None:
+    """CUDA's own sync detector: a constant per call (one more per batch with "auto")."""
+    counts = []
+    for blocks in (2, 12):
+        model = _Deep(blocks).cuda()
+        batches = [b.cuda() for b in split(images, (16,) * 8)]
+        bnfix.recalibrate(model, batches, num_batches=num_batches, tol=1e-9)  # warm-up
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                bnfix.recalibrate(model, batches, num_batches=num_batches, tol=1e-9)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        counts.append(sum("synchroniz" in str(w.message) for w in caught))
+    per_batch = 8 - 4 if num_batches == "auto" else 0  # "auto" reads its estimate from batch 5 on
+    assert counts[0] == counts[1] <= 1 + per_batch, counts
