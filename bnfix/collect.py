@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from bnfix.batches import ForwardFn, batch_size, default_target, progress_bar, to_device
-from bnfix.layers import SkipBatch, bn_mode, elements_per_channel
+from bnfix.layers import SkipBatch, bn_mode
 from bnfix.stats import Moments, RowBuffer, SpreadTracker, ema_rows, moments_of, pool_rows
 
 __all__ = ["Collector", "LabelCheck", "LayerStats", "PassResult", "batch_stats", "run_pass"]
@@ -122,6 +122,7 @@ class LayerStats:
     rows: Optional[RowBuffer] = None  # this chunk's per-call statistics
     calls: int = 0  # folded calls
     agree: Optional[Tensor] = None  # the first call's verdict on the device, while pending
+    buffers: tuple[Tensor, ...] = ()  # (running_mean, running_var), read once per pass
     finite: list[tuple[Tensor, list[int]]] = field(default_factory=list)  # per fold: rows, tags
     spread: Optional[SpreadTracker] = None
 
@@ -133,16 +134,17 @@ class LayerStats:
         :class:`SkipBatch` it raises replaces the layer's error, so the batch is abandoned as
         a whole and user code catching ``Exception`` cannot swallow it.
         """
+        # Every line here runs once per layer per batch: kept to plain attribute reads.
         x = args[0] if args else None
-        if not isinstance(x, Tensor) or x.dim() < 2:
+        if not isinstance(x, Tensor) or x.dim() < 2 or not x.shape[1]:
             return  # let the layer itself complain about its input
-        n = elements_per_channel(x)
+        n = x.numel() // x.shape[1]
         if n <= 1:
             raise SkipBatch(self.name)
         if output is None:
             return  # the layer raised something else: let that propagate
-        if self.path == "fast":
-            self.rows.push(n, module.running_mean, module.running_var)  # type: ignore[union-attr,arg-type]
+        if self.path == "fast" and module is self.module:  # not a DataParallel replica
+            self.rows.push(n, *self.buffers)  # type: ignore[union-attr]
         else:
             self._slow_call(module, x, n)
 
@@ -158,7 +160,7 @@ class LayerStats:
                     self.path, self.agree = "pending", agree
                 else:
                     self.resolve(bool(agree))
-        if self.path == "fast":
+        if self.path == "fast":  # the first call, or a replica with its own buffers
             self.rows.push(n, module.running_mean, module.running_var)  # type: ignore[arg-type]
             return
         own = moments_of(x)
@@ -249,6 +251,7 @@ class Collector:
         handles = []
         try:
             for state in self.states:
+                state.buffers = (state.module.running_mean, state.module.running_var)  # type: ignore[assignment]
                 if track_order:
                     handles.append(state.module.register_forward_pre_hook(self._order_hook(state)))
                 handles.append(state.module.register_forward_hook(state.hook, always_call=True))

@@ -166,17 +166,25 @@ class RowBuffer:
         self.committed = 0
 
     def push(self, n: int, mean: Tensor, unbiased_var: Tensor) -> None:
-        """Record one call's statistics (pending until :meth:`commit`)."""
+        """Record one call's statistics (pending until :meth:`commit`); no autograd (buffers)."""
         i = len(self.ns)
-        if i == self.rows.shape[0]:  # one forward called the layer more often than capacity
+        if i >= len(self._views):
+            self._grow(i)
+        # One call for both rows (converting to float64): a single kernel launch on a GPU.
+        torch._foreach_copy_(self._views[i], (mean, unbiased_var))
+        self.ns.append(n)
+
+    def _grow(self, i: int) -> None:
+        """Make the row views up to row ``i`` (once each: indexing costs a microsecond).
+
+        The storage doubles when one forward calls the layer more often than the capacity.
+        """
+        if i >= self.rows.shape[0]:
             self.rows = torch.cat([self.rows, torch.empty_like(self.rows)])
             self._views = []
         while len(self._views) <= i:
             row = self.rows[len(self._views)]
             self._views.append((row[0], row[1]))
-        # One call for both rows (converting to float64): a single kernel launch on a GPU.
-        torch._foreach_copy_(self._views[i], (mean.detach(), unbiased_var.detach()))
-        self.ns.append(n)
 
     def rollback(self) -> None:
         """Forget the rows pushed since the last commit."""
