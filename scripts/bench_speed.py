@@ -212,8 +212,8 @@ def main() -> None:
     cuda = args.device.startswith("cuda")
     args.models = args.models or ("resnet50,resnet18,mobilenet_v3_small" if cuda else
                                   "resnet18,mobilenet_v3_small,mlp")  # fmt: skip
-    args.batch_size = args.batch_size or (64 if cuda else 4)
-    args.image_size = args.image_size or (224 if cuda else 64)
+    args.batch_size = args.batch_size or (64 if cuda else 2)
+    args.image_size = args.image_size or (224 if cuda else 32)
     if args.quick:
         args.rounds = 3
     torch.set_num_threads(args.threads)
