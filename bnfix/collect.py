@@ -2,11 +2,12 @@
 
 Shared by :func:`bnfix.recalibrate` (which writes the result) and :func:`bnfix.diagnose` (which only
 looks). The caller runs the model with the layers in train mode at momentum 1.0 (see
-:func:`bnfix.layers.bn_mode`); a pre-hook counts each call's elements per channel, a forward hook
-reads the layer's own batch statistics from its buffers (the fast path, no second pass over the
-activations) or, for a BN subclass whose buffers do not hold the standard update (checked on the
-first call), takes the moments of the input itself. Rows are folded in chunks with Chan's formula
-in float64 (:mod:`bnfix.stats`). :func:`run_pass` is recalibrate's calibration pass over a loader.
+:func:`bnfix.layers.bn_mode`); one forward hook per layer counts the call's elements per channel
+from the input's shape and copies the layer's own batch statistics from its buffers (the fast
+path: no second pass over the activations, no host sync) or, for a BN subclass whose buffers do
+not hold the standard update (checked on its first call), takes the moments of the input itself.
+Rows are folded in chunks with Chan's formula in float64 (:mod:`bnfix.stats`). :func:`run_pass`
+is recalibrate's calibration pass over a loader.
 """
 
 from __future__ import annotations
@@ -24,9 +25,24 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from bnfix.batches import ForwardFn, batch_size, default_target, progress_bar, to_device
+from bnfix.batches import (
+    ForwardFn,
+    LabelCheck,
+    batch_size,
+    default_target,
+    progress_bar,
+    to_device,
+)
 from bnfix.layers import SkipBatch, bn_mode
-from bnfix.stats import Moments, RowBuffer, SpreadTracker, ema_rows, moments_of, pool_rows
+from bnfix.stats import (
+    Moments,
+    RowBuffer,
+    SpreadTracker,
+    ema_rows,
+    moments_of,
+    pool_rows,
+    read_all,
+)
 
 __all__ = ["Collector", "LabelCheck", "LayerStats", "PassResult", "batch_stats", "run_pass"]
 
@@ -83,25 +99,6 @@ def _agreement(module: _BatchNorm, x: Tensor) -> Tensor:
     return ((mean - ref_mean).abs() <= mean_tol).all() & (
         (unbiased_var - ref_var).abs() <= var_tol
     ).all()
-
-
-def read_all(values: Sequence[Tensor]) -> list[Any]:
-    """0-d tensors as Python numbers, in one host copy when they share a device."""
-    if len({v.device for v in values}) == 1:
-        return torch.stack([v.to(torch.float64) for v in values]).tolist()
-    return [v.item() for v in values]  # a model spread over devices: one read per device tensor
-
-
-def read_all_rows(rows: Sequence[Tensor]) -> list[list[Any]]:
-    """Equal-length 1-D tensors as lists of Python numbers, one host copy per device."""
-    by_device: dict[torch.device, list[int]] = {}
-    for i, row in enumerate(rows):
-        by_device.setdefault(row.device, []).append(i)
-    out: list[list[Any]] = [[] for _ in rows]
-    for indices in by_device.values():
-        for i, values in zip(indices, torch.stack([rows[i] for i in indices]).tolist()):
-            out[i] = values
-    return out
 
 
 @dataclass
@@ -331,56 +328,6 @@ def batch_stats(model: nn.Module, modules: list[_BatchNorm], dropout: bool) -> I
             m.running_mean.zero_()  # type: ignore[union-attr]
             m.running_var.fill_(1.0)  # type: ignore[union-attr]
         yield
-
-
-@dataclass
-class LabelCheck:
-    """Spots class-sorted loaders from the labels that pass by (when batches carry labels).
-
-    A sorted loader has at most (classes - 1) batches that straddle two classes; a shuffled one
-    has almost no single-class batches. So: warn when several classes were seen but at most
-    (classes - 1) batches were mixed.
-    """
-
-    classes: set[int] = field(default_factory=set)
-    mixed: int = 0
-    labelled: int = 0
-    _pending: list[Tensor] = field(default_factory=list)  # per batch (mixed, first, last)
-
-    def add(self, target: Any) -> None:
-        """Look at one batch's labels (anything but an integer tensor of 2+ labels is ignored).
-
-        The three numbers stay where the labels are until :meth:`note` reads them all at once,
-        so labels already on a GPU cost no sync per batch.
-        """
-        if not isinstance(target, Tensor) or target.numel() < 2 or target.is_floating_point():
-            return
-        flat = target.detach().reshape(-1)
-        self.labelled += 1
-        mixed = (flat != flat[0]).any().to(flat.dtype)
-        self._pending.append(torch.stack([mixed, flat[0], flat[-1]]).long())
-
-    def _read(self) -> None:
-        if self._pending:
-            for mixed, first, last in read_all_rows(self._pending):
-                self.mixed += int(mixed)
-                self.classes.update((int(first), int(last)))
-            self._pending = []
-
-    def note(self) -> Optional[str]:
-        """The warning for the report, or None when the loader does not look sorted."""
-        self._read()
-        if (
-            len(self.classes) < 2
-            or self.mixed > len(self.classes) - 1
-            or self.labelled <= self.mixed
-        ):
-            return None
-        return (
-            f"{self.labelled - self.mixed} of {self.labelled} calibration batches hold a single "
-            "class: the loader looks class-sorted, which biases batch statistics; shuffle it "
-            "(DataLoader(..., shuffle=True))"
-        )
 
 
 @dataclass

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
@@ -30,7 +30,28 @@ __all__ = [
     "host_vector",
     "moments_of",
     "pool_rows",
+    "read_all",
+    "read_all_rows",
 ]
+
+
+def read_all(values: Sequence[Tensor]) -> list[Any]:
+    """0-d tensors as Python numbers, in one host copy when they share a device."""
+    if len({v.device for v in values}) == 1:
+        return torch.stack([v.to(torch.float64) for v in values]).tolist()
+    return [v.item() for v in values]  # a model spread over devices: one read per device tensor
+
+
+def read_all_rows(rows: Sequence[Tensor]) -> list[list[Any]]:
+    """Equal-length 1-D tensors as lists of Python numbers, one host copy per device."""
+    by_device: dict[torch.device, list[int]] = {}
+    for i, row in enumerate(rows):
+        by_device.setdefault(row.device, []).append(i)
+    out: list[list[Any]] = [[] for _ in rows]
+    for indices in by_device.values():
+        for i, values in zip(indices, torch.stack([rows[i] for i in indices]).tolist()):
+            out[i] = values
+    return out
 
 
 def host_vector(values: Sequence[float], device: torch.device) -> Tensor:
