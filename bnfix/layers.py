@@ -104,10 +104,10 @@ def eager(model: nn.Module) -> Iterator[None]:
     compiled frame eagerly without dropping the user's compiled code for later; compiled code
     is also left alone on exit. ``model`` is only named for the debug log.
     """
-    compiled = isinstance(getattr(model, "_orig_mod", None), nn.Module) or any(
-        getattr(m, "_compiled_call_impl", None) is not None for m in model.modules()
-    )
-    if compiled:
+    if logger.isEnabledFor(logging.DEBUG) and (
+        isinstance(getattr(model, "_orig_mod", None), nn.Module)
+        or any(getattr(m, "_compiled_call_impl", None) is not None for m in model.modules())
+    ):
         logger.debug("%s is compiled: running bnfix's pass eagerly", type(model).__name__)
     with torch.compiler.set_stance("force_eager"):
         yield

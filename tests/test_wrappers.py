@@ -9,6 +9,7 @@ checked against a float64 reference.
 from __future__ import annotations
 
 import copy
+import logging
 import warnings
 from typing import Any
 
@@ -193,3 +194,13 @@ def test_wrapped_notes_are_still_given_for_a_real_frozen_model(images: Tensor) -
             module.eval()
     with pytest.warns(BnfixWarning, match=FROZEN_NOTE):
         bnfix.recalibrate(nn.DataParallel(model), split(images, SPLIT))
+
+
+def test_eager_says_so_at_debug_level(images: Tensor, caplog: pytest.LogCaptureFixture) -> None:
+    torch._dynamo.reset()
+    model = make_convnet().eval()
+    model.compile(backend=CountingBackend())
+    with caplog.at_level(logging.DEBUG, logger="bnfix"):
+        bnfix.recalibrate(model, split(images, SPLIT))
+    assert any("compiled: running bnfix's pass eagerly" in r.getMessage() for r in caplog.records)
+    torch._dynamo.reset()
