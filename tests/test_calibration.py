@@ -211,7 +211,11 @@ def test_layer_momentum_uses_each_layers_own(images: Tensor) -> None:
     with torch.no_grad():
         for x in batches:
             twin(x)
-    report = bnfix.recalibrate(model, batches, momentum="layer")
+    with pytest.warns(BnfixWarning) as caught:
+        report = bnfix.recalibrate(model, batches, momentum="layer")
+    notes = [str(w.message) for w in caught]
+    assert "bn1 has momentum=0.0; used 0.1 for its EMA update" in notes
+    assert "bn2 has momentum=None; used 0.1 for its EMA update" in notes
     _assert_buffers_close(model, twin)
     assert [lr.momentum for lr in report.layers] == [0.5, 0.1, 0.1, 0.05]
     assert (model.bn0.momentum, model.bn1.momentum, model.bn2.momentum) == (0.5, 0.0, None)
@@ -246,6 +250,7 @@ class Mixed(nn.Module):
         return self.drop(self.net(x)) + self.other
 
 
+@pytest.mark.filterwarnings("ignore::bnfix.errors.BnfixWarning")
 def test_nothing_else_changes_and_buffers_are_written_in_place(images: Tensor) -> None:
     model = Mixed().train()
     model.net.bn2.eval()
@@ -542,6 +547,7 @@ class Branchy(nn.Module):
         return self.stateless(a).mean() + b.mean()
 
 
+@pytest.mark.filterwarnings("ignore::bnfix.errors.BnfixWarning")
 def test_unused_layer_kept_and_shared_layer_pools_both_calls(images: Tensor) -> None:
     torch.manual_seed(0)
     model = randomize_bn(Branchy())
@@ -572,7 +578,8 @@ def test_batch_of_one_skipped_entirely(images: Tensor) -> None:
     model = make_convnet()
     used = [batches[0], batches[2], batches[4]]
     seen = captured_bn_inputs(model, used)
-    report = bnfix.recalibrate(model, batches)
+    with pytest.warns(BnfixWarning, match=r"skipped 2 batch\(es\)"):
+        report = bnfix.recalibrate(model, batches)
     for name in ("bn0", "bn1", "bn2", "bn3"):
         assert_close_stats(getattr(model, name), *pooled(seen[name]))
         assert int(getattr(model, name).num_batches_tracked) == 3
@@ -580,6 +587,7 @@ def test_batch_of_one_skipped_entirely(images: Tensor) -> None:
     assert any("skipped 2 batch(es)" in w for w in report.warnings)
 
 
+@pytest.mark.filterwarnings("ignore::bnfix.errors.BnfixWarning")
 def test_batch_of_one_with_1x1_spatial(images: Tensor) -> None:
     data = images[:, :, :1, :1].contiguous()
     model = nn.Sequential(nn.BatchNorm2d(3))
@@ -606,7 +614,10 @@ def test_momentum_zero_and_none_layers_recalibrated(images: Tensor) -> None:
 def test_model_without_bn(images: Tensor, caplog: pytest.LogCaptureFixture) -> None:
     model = nn.Sequential(nn.Flatten(), nn.Linear(192, 2), nn.LayerNorm(2))
     snap = snapshot(model)
-    with caplog.at_level(logging.WARNING, logger="bnfix"):
+    with (
+        caplog.at_level(logging.WARNING, logger="bnfix"),
+        pytest.warns(BnfixWarning, match="no Ba"),
+    ):
         report = bnfix.recalibrate(model, split(images, SPLIT))
     assert report.layers == () and report.batches == 0
     assert any("no BatchNorm" in w for w in report.warnings)
@@ -728,6 +739,7 @@ def test_auto_stops_once_the_standard_error_is_small(images: Tensor) -> None:
     assert any("ran out of data" in w for w in strict.warnings)
 
 
+@pytest.mark.filterwarnings("ignore::bnfix.errors.BnfixWarning")
 def test_auto_with_only_unused_layers_runs_to_the_end(images: Tensor) -> None:
     class Bypass(nn.Module):
         def __init__(self) -> None:
@@ -840,7 +852,8 @@ def test_class_sorted_loader_warns(images: Tensor) -> None:
 def test_callable_selecting_nothing_says_so(images: Tensor) -> None:
     model = make_convnet()
     snap = snapshot(model)
-    report = bnfix.recalibrate(model, split(images, SPLIT), layers=lambda name, module: False)
+    with pytest.warns(BnfixWarning, match="selected none"):
+        report = bnfix.recalibrate(model, split(images, SPLIT), layers=lambda name, module: False)
     assert report.layers == ()
     assert any("selected none of the model's 4 BatchNorm layers" in w for w in report.warnings)
     assert_unchanged(model, snap)
@@ -851,10 +864,12 @@ def test_all_bn_frozen_in_a_train_mode_model_is_noted(images: Tensor) -> None:
     for module in model.modules():
         if isinstance(module, (nn.BatchNorm2d, nn.BatchNorm1d)):
             module.eval()
-    report = bnfix.recalibrate(model, split(images, SPLIT))
+    with pytest.warns(BnfixWarning, match="every selected BatchNorm layer was in eval mode"):
+        report = bnfix.recalibrate(model, split(images, SPLIT))
     assert any("every selected BatchNorm layer was in eval mode" in w for w in report.warnings)
 
 
+@pytest.mark.filterwarnings("ignore::bnfix.errors.BnfixWarning")
 def test_skip_is_not_swallowed_by_a_forward_that_catches_exception() -> None:
     """A batch of 1 must be skipped as a whole even if user code catches Exception."""
     model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
@@ -925,6 +940,7 @@ def test_unused_layers_and_no_bn_are_warnings(images: Tensor) -> None:
 
 
 @pytest.mark.parametrize("cls", [NoUpdateBN, OwnEmaBN, nn.BatchNorm2d])
+@pytest.mark.filterwarnings("ignore::bnfix.errors.BnfixWarning")
 def test_first_call_checked_on_the_device_gives_the_same_answer(
     images: Tensor, cls: type, monkeypatch: pytest.MonkeyPatch
 ) -> None:
