@@ -14,6 +14,7 @@ Small batches keep the forward cheap, so that the per-layer costs stand out of t
 Usage:
     python scripts/bench_speed.py --threads 1 --clock cpu            # CPU table (21 rounds)
     python scripts/bench_speed.py --quick                            # smoke check
+    python scripts/bench_speed.py --micro --threads 1                # per-call hook price, 1 layer
     python scripts/bench_speed.py --device cuda                      # CUDA table, syncs per call
 """
 
@@ -153,6 +154,57 @@ def syncs_per_call(args: argparse.Namespace, name: str) -> int:
     return sum("synchroniz" in str(w.message) for w in caught)
 
 
+def _per_call(step: Callable[[], None], calls: int, repeats: int) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.process_time()
+        for _ in range(calls):
+            step()
+        best = min(best, (time.process_time() - start) / calls)
+    return best * 1e6
+
+
+def _micro_row(bn: nn.Module, x: torch.Tensor, calls: int, repeats: int) -> list[float]:
+    from bnfix.collect import Collector, batch_stats
+
+    bn.train()
+    row = [_per_call(lambda: bn(x), calls, repeats)]
+    for pre in (False, True):
+        handles = [bn.register_forward_hook(lambda module, args, out: None)]
+        if pre:
+            handles.append(bn.register_forward_pre_hook(lambda module, args: None))
+        row.append(_per_call(lambda: bn(x), calls, repeats))
+        for handle in handles:
+            handle.remove()
+    collector = Collector([("bn", bn)])  # type: ignore[list-item]
+    rows = collector.states[0].rows
+    assert rows is not None
+
+    def collected() -> None:
+        bn(x)
+        rows.ns.clear()  # stay on the first row: no chunk folds in this measurement
+
+    with batch_stats(bn, [bn], dropout=False), collector.hooks():  # type: ignore[list-item]
+        row.append(_per_call(collected, calls, repeats))
+    return row
+
+
+def micro_table(calls: int = 20000, repeats: int = 7) -> None:
+    """One BN layer called ``calls`` times: the exact per-call price of each kind of hook.
+
+    No model and no fit: the least noisy view of the per layer-batch cost (minimum over
+    ``repeats`` of the mean CPU time per call).
+    """
+    print("| layer | input | plain µs/call | + no-op hook | + 2 no-op hooks | + bnfix's hooks |")
+    print("|---|---|---|---|---|---|")
+    layers = ((nn.BatchNorm2d(64), (2, 64, 8, 8)), (nn.BatchNorm1d(512), (4, 512)))
+    with torch.no_grad():
+        for bn, shape in layers:
+            row = _micro_row(bn, torch.randn(shape), calls, repeats)
+            cells = " | ".join(f"{v:.1f}" for v in row)
+            print(f"| {type(bn).__name__}({bn.num_features}) | {shape} | {cells} |", flush=True)
+
+
 def cpu_table(args: argparse.Namespace) -> None:
     print("| model | BN layers | plain ms/batch | method | fixed ms (vs plain) "
           "| µs per layer-batch (vs plain) | µs per layer-batch (vs hook) |")  # fmt: skip
@@ -208,6 +260,9 @@ def main() -> None:
         help="wall time, or this process's CPU time (steadier on a shared, noisy machine)",
     )
     parser.add_argument("--quick", action="store_true", help="3 rounds, for a smoke check")
+    parser.add_argument(
+        "--micro", action="store_true", help="only the per-call price of the hooks on one layer"
+    )
     args = parser.parse_args()
     cuda = args.device.startswith("cuda")
     args.models = args.models or ("resnet50,resnet18,mobilenet_v3_small" if cuda else
@@ -217,6 +272,9 @@ def main() -> None:
     if args.quick:
         args.rounds = 3
     torch.set_num_threads(args.threads)
+    if args.micro:
+        micro_table()
+        return
     print(
         f"torch {torch.__version__}, device {args.device}, {args.threads} thread(s), "
         f"{args.clock} clock, {args.rounds} rounds of {SHORT} and {LONG} batches of "
