@@ -33,13 +33,14 @@ from bnfix.batches import (
     progress_bar,
     to_device,
 )
-from bnfix.layers import SkipBatch, bn_mode
+from bnfix.layers import SkipBatch, bn_mode, buffers_agree, standard_forward
 from bnfix.stats import (
     Moments,
     RowBuffer,
     SpreadTracker,
     ema_rows,
     moments_of,
+    pool_layers,
     pool_rows,
     read_all,
 )
@@ -49,18 +50,6 @@ __all__ = ["Collector", "LabelCheck", "LayerStats", "PassResult", "batch_stats",
 logger = logging.getLogger(__name__)
 
 _AUTO_MIN_BATCHES = 5  # a spread estimated from fewer batches is too noisy to stop on
-_CHECK_CHANNELS = 8  # channels compared when checking a layer's buffers on its first call
-
-
-def _standard_forward(module: _BatchNorm) -> bool:
-    """Does ``module`` run ``_BatchNorm.forward`` itself (BatchNorm1d/2d/3d, local SyncBatchNorm)?
-
-    That forward stores exactly the batch mean and unbiased batch variance at momentum 1, so its
-    buffers need no check. A subclass with its own forward (timm's ``BatchNormAct2d``, a
-    renormalizing or frozen variant) is checked on its first call instead.
-    """
-    forward = getattr(module, "forward", None)
-    return getattr(forward, "__func__", None) is _BatchNorm.forward
 
 
 def _defer_check(x: Tensor) -> bool:
@@ -69,36 +58,6 @@ def _defer_check(x: Tensor) -> bool:
     On the CPU reading a flag costs nothing, and deciding at once spares the fallback's moments.
     """
     return x.device.type != "cpu"
-
-
-def _agreement(module: _BatchNorm, x: Tensor) -> Tensor:
-    """A 0-d bool tensor: do the layer's buffers hold the standard update for input ``x``?
-
-    Checked once per layer, on its first call, against ``var_mean`` of some of the input's
-    channels in the input's own precision (the fast path must stay as fast as a plain forward). The
-    tolerances are far looser than the rounding of either computation and far tighter than any
-    real deviation (a different momentum, a different normalization, no update at all). The
-    answer stays on the device: reading it is a host sync, left to the caller.
-    """
-    mean, unbiased_var = module.running_mean, module.running_var
-    assert mean is not None and unbiased_var is not None
-    # A handful of channels spread over the layer is enough to tell a different update rule, at
-    # a fraction of the cost of reducing all of them (CPU reductions are as slow as BN itself).
-    count = min(x.shape[1], _CHECK_CHANNELS)
-    channels = torch.linspace(0, x.shape[1] - 1, count, device=x.device).long()
-    sample = x.detach().index_select(1, channels)
-    dims = [d for d in range(x.dim()) if d != 1]
-    ref_var, ref_mean = torch.var_mean(sample, dim=dims, correction=1)
-    ref_mean, ref_var = ref_mean.to(torch.float64), ref_var.to(torch.float64)
-    channels = channels.to(mean.device)
-    mean, unbiased_var = mean[channels].to(torch.float64), unbiased_var[channels].to(torch.float64)
-    scale = torch.finfo(x.dtype).eps / torch.finfo(torch.float32).eps
-    magnitude = ref_mean.abs()
-    mean_tol = scale * (1e-4 * ref_var.clamp_min(0).sqrt() + 1e-6 * magnitude) + 1e-8
-    var_tol = scale * (1e-3 * ref_var + (1e-5 * magnitude).square()) + 1e-10
-    return ((mean - ref_mean).abs() <= mean_tol).all() & (
-        (unbiased_var - ref_var).abs() <= var_tol
-    ).all()
 
 
 @dataclass
@@ -120,7 +79,7 @@ class LayerStats:
     calls: int = 0  # folded calls
     agree: Optional[Tensor] = None  # the first call's verdict on the device, while pending
     buffers: tuple[Tensor, ...] = ()  # (running_mean, running_var), read once per pass
-    finite: list[tuple[Tensor, list[int]]] = field(default_factory=list)  # per fold: rows, tags
+    finite: list[tuple[Tensor, list[int]]] = field(default_factory=list)  # per fold: row sums, tags
     spread: Optional[SpreadTracker] = None
 
     def hook(self, module: _BatchNorm, args: tuple[Any, ...], output: Any) -> None:
@@ -149,10 +108,10 @@ class LayerStats:
         """The first call (decide the path) and every call of a fallback or pending layer."""
         assert self.rows is not None
         if self.path == "check":
-            if _standard_forward(module):
+            if standard_forward(module):
                 self.path = "fast"
             else:
-                agree = _agreement(module, x)
+                agree = buffers_agree(module, x)
                 if _defer_check(x):
                     self.path, self.agree = "pending", agree
                 else:
@@ -186,7 +145,9 @@ class LayerStats:
         if not ns:
             return
         # Kept on the device: only a non-finite result (the rare error) reads them back.
-        self.finite.append(((means.isfinite() & variances.isfinite()).all(dim=1), tags))
+        # Per row, a sum that is finite exactly when every value in the row is (short of an
+        # overflow past 1e308); two kernels, read only to name the first bad batch on an error.
+        self.finite.append(((means + variances).sum(dim=1), tags))
         self.calls += len(ns)
         # Pooled moments are kept in every mode: they are the exact statistics, and in EMA mode
         # they still give the report its element count and num_batches="auto" its scale.
@@ -200,8 +161,9 @@ class LayerStats:
     @property
     def first_bad(self) -> Optional[int]:
         """Index of the first batch whose statistics were not finite (reads the device)."""
-        for finite, tags in self.finite:
-            bad = (~finite).nonzero()
+        for check, tags in self.finite:  # row sums (one layer's fold) or a finite mask (all)
+            ok = check.all(dim=1) if check.dtype == torch.bool else check.isfinite()
+            bad = (~ok).nonzero()
             if bad.numel():
                 return tags[int(bad[0, 0])]
         return None
@@ -275,10 +237,12 @@ class Collector:
         """Keep the batch just run (labelled ``index``); fold full chunks (every batch in auto)."""
         self._resolve_pending()
         for state in self.states:
-            assert state.rows is not None
-            state.rows.commit(index)
-            if state.rows.full or self.tol is not None:
+            state.rows.commit(index)  # type: ignore[union-attr]
+        if self.tol is not None:  # the spread of per-batch moments is needed after every batch
+            for state in self.states:
                 state.fold()
+        elif any(state.rows.full for state in self.states):  # type: ignore[union-attr]
+            self.finish()
 
     def discard(self) -> None:
         """Drop a skipped batch's partial moments, so no layer counts part of it."""
@@ -287,10 +251,48 @@ class Collector:
             state.rows.rollback()
 
     def finish(self) -> None:
-        """Fold every committed row."""
+        """Fold every committed row (all layers at once when they allow it)."""
         self._resolve_pending()
-        for state in self.states:
-            state.fold()
+        if not self._fold_together():
+            for state in self.states:
+                state.fold()
+
+    def _fold_together(self) -> bool:
+        """Pool every layer's committed rows with one set of kernels (see :func:`pool_layers`).
+
+        Applies when every layer with rows pools exactly (no EMA, no spread), has as many rows
+        as the others, all with the same count, on one device: the usual recalibration. The
+        per-layer fold costs a handful of kernels per layer instead.
+        """
+        states = [s for s in self.states if s.rows.committed]  # type: ignore[union-attr]
+        if len(states) < 2:
+            return False
+        k = states[0].rows.committed  # type: ignore[union-attr]
+        for s in states:
+            ns = s.rows.ns  # type: ignore[union-attr]
+            if s.momentum is not None or s.spread is not None or len(ns) != k:
+                return False
+            if ns.count(ns[0]) != k:
+                return False
+        taken = [s.rows.take_raw() for s in states]  # type: ignore[union-attr]
+        pieces = [rows[i] for i in range(k) for _, rows, _ in taken]  # call by call
+        if len({p.device for p in pieces}) != 1:
+            for s, (ns, rows, tags) in zip(states, taken):  # put them back, fold one by one
+                s.rows._rows, s.rows.ns, s.rows.tags = rows, ns, tags  # type: ignore[union-attr]
+                s.rows.committed = k  # type: ignore[union-attr]
+            return False
+        device = states[0].rows.device  # type: ignore[union-attr]
+        flat = torch.cat(pieces).to(device, torch.float64).view(k, -1)
+        finite = flat.isfinite()  # read only to name the first bad batch on an error
+        widths = [s.rows.channels for s in states]  # type: ignore[union-attr]
+        means, m2s = pool_layers(flat, [ns[0] for ns, _, _ in taken], widths)
+        start = 0
+        for s, (ns, _, tags), mean, m2, width in zip(states, taken, means, m2s, widths):
+            s.finite.append((finite[:, start : start + 2 * width], tags))
+            start += 2 * width
+            s.calls += k
+            s.pooled = s.pooled.merge(Moments(k * ns[0], mean, m2))
+        return True
 
     def relative_standard_error(self) -> float:
         """Worst layer's relative standard error of its estimates (inf until known).

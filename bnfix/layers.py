@@ -27,6 +27,7 @@ __all__ = [
     "SkipBatch",
     "bn_layers",
     "bn_mode",
+    "buffers_agree",
     "check_lazy",
     "dropout_layers",
     "eager",
@@ -35,6 +36,7 @@ __all__ = [
     "named_modules",
     "select_layers",
     "skipped_norm_layers",
+    "standard_forward",
     "unwrap",
     "user_model",
 ]
@@ -45,6 +47,8 @@ LayerSelector = Union[None, str, Sequence[str], Callable[[str, nn.Module], bool]
 
 # Stochastic-regularization modules outside torch.nn, recognised by class name so that bnfix does
 # not need timm or torchvision.ops imported to find them.
+_CHECK_CHANNELS = 8  # channels compared when checking a layer's buffers on its first call
+
 _DROPOUT_CLASS_NAMES = frozenset(
     {"DropPath", "DropBlock", "DropBlock2d", "DropBlock3d", "StochasticDepth", "DropConnect"}
 )
@@ -244,6 +248,47 @@ def dropout_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(n, m) for n, m in named_modules(model) if is_dropout(m)]
 
 
+def standard_forward(module: _BatchNorm) -> bool:
+    """Does ``module`` run ``_BatchNorm.forward`` itself (BatchNorm1d/2d/3d, local SyncBatchNorm)?
+
+    That forward stores exactly the batch mean and unbiased batch variance at momentum 1, so its
+    buffers need no check. A subclass with its own forward (timm's ``BatchNormAct2d``, a
+    renormalizing or frozen variant) is checked on its first call instead.
+    """
+    forward = getattr(module, "forward", None)
+    return getattr(forward, "__func__", None) is _BatchNorm.forward
+
+
+def buffers_agree(module: _BatchNorm, x: Tensor) -> Tensor:
+    """A 0-d bool tensor: do the layer's buffers hold the standard update for input ``x``?
+
+    Checked once per layer, on its first call, against ``var_mean`` of some of the input's
+    channels in the input's own precision (the fast path must stay as fast as a plain forward). The
+    tolerances are far looser than the rounding of either computation and far tighter than any
+    real deviation (a different momentum, a different normalization, no update at all). The
+    answer stays on the device: reading it is a host sync, left to the caller.
+    """
+    mean, unbiased_var = module.running_mean, module.running_var
+    assert mean is not None and unbiased_var is not None
+    # A handful of channels spread over the layer is enough to tell a different update rule, at
+    # a fraction of the cost of reducing all of them (CPU reductions are as slow as BN itself).
+    count = min(x.shape[1], _CHECK_CHANNELS)
+    channels = torch.linspace(0, x.shape[1] - 1, count, device=x.device).long()
+    sample = x.detach().index_select(1, channels)
+    dims = [d for d in range(x.dim()) if d != 1]
+    ref_var, ref_mean = torch.var_mean(sample, dim=dims, correction=1)
+    ref_mean, ref_var = ref_mean.to(torch.float64), ref_var.to(torch.float64)
+    channels = channels.to(mean.device)
+    mean, unbiased_var = mean[channels].to(torch.float64), unbiased_var[channels].to(torch.float64)
+    scale = torch.finfo(x.dtype).eps / torch.finfo(torch.float32).eps
+    magnitude = ref_mean.abs()
+    mean_tol = scale * (1e-4 * ref_var.clamp_min(0).sqrt() + 1e-6 * magnitude) + 1e-8
+    var_tol = scale * (1e-3 * ref_var + (1e-5 * magnitude).square()) + 1e-10
+    return ((mean - ref_mean).abs() <= mean_tol).all() & (
+        (unbiased_var - ref_var).abs() <= var_tol
+    ).all()
+
+
 def _local_bn_forward(module: _BatchNorm) -> Callable[[Tensor], Tensor]:
     """A plain BN forward for a SyncBatchNorm: no cross-rank sync (CUDA-only, hangs on uneven data)."""
     return types.MethodType(_BatchNorm.forward, module)
@@ -280,8 +325,9 @@ def bn_mode(
     ]
     saved = [(b, b.clone()) for m in train_bn for b in m.buffers(recurse=False)]
     try:
-        for module, _ in flags:
-            module.training = False
+        for module, training in flags:
+            if training:  # Module.__setattr__ is slow: only touch what changes
+                module.training = False
         for module in train_bn:
             module.training = True
             if momentum is not None:
@@ -305,4 +351,5 @@ def bn_mode(
         for bn, bn_momentum in momenta:
             bn.momentum = bn_momentum
         for module, training in flags:
-            module.training = training
+            if module.training != training:
+                module.training = training

@@ -29,6 +29,7 @@ __all__ = [
     "ema_rows",
     "host_vector",
     "moments_of",
+    "pool_layers",
     "pool_rows",
     "read_all",
     "read_all_rows",
@@ -142,12 +143,47 @@ def pool_rows(ns: list[int], means: Tensor, unbiased_vars: Tensor) -> Moments:
     total = int(sum(ns))
     if all(k == ns[0] for k in ns):  # equal groups (the usual case): host scalars, no copy
         mean = means64.mean(dim=0)
-        m2 = (ns[0] - 1) * vars64.sum(dim=0) + ns[0] * (means64 - mean).square().sum(dim=0)
+        spread = (means64 - mean).square().sum(dim=0)  # (torch.var_mean over dim 0 is slow)
+        m2 = vars64.sum(dim=0).mul_(ns[0] - 1).add_(spread, alpha=ns[0])
         return Moments(total, mean, m2)
     n = host_vector(ns, means.device)[:, None]
     mean = (n * means64).sum(dim=0) / total
     m2 = ((n - 1) * vars64).sum(dim=0) + (n * (means64 - mean).square()).sum(dim=0)
     return Moments(total, mean, m2)
+
+
+def pool_layers(
+    rows: Tensor, ns: Sequence[int], channels: Sequence[int]
+) -> tuple[list[Tensor], list[Tensor]]:
+    """:func:`pool_rows` of many layers at once, each with ``k`` rows of equal counts.
+
+    ``rows`` is ``(k, 2 * sum(channels))``: per call, every layer's means then its variances,
+    layer after layer; layer ``l`` saw ``ns[l]`` elements per channel on every call. Column sums
+    over the rows give every channel's mean of the means, their spread and the sum of the
+    variances at once, so the cost no longer grows by a handful of kernels per layer.
+
+    Returns:
+        Per layer, the pooled mean and ``M2`` (views into two flat tensors).
+    """
+    k, device = rows.shape[0], rows.device
+    total = rows.sum(dim=0)  # sums, not torch.var_mean: its reduction over dim 0 is slow on CPU
+    avg = total / k
+    spread = (rows - avg).square().sum(dim=0)  # sum over calls of (mean_i - pooled mean)^2
+    sizes = torch.tensor(list(channels))
+    # Channel g of the concatenated layers, in layer l with c_l channels before it, has its mean
+    # at g + c_l (the variances of the layers before it come first) and its variance at
+    # g + c_l + (its layer's width).
+    first = torch.arange(int(sizes.sum())) + torch.repeat_interleave(
+        torch.cumsum(sizes, 0) - sizes, sizes
+    )
+    means_at = first.to(device, non_blocking=True)
+    vars_at = (first + torch.repeat_interleave(sizes, sizes)).to(device, non_blocking=True)
+    n = torch.repeat_interleave(torch.tensor(list(ns), dtype=torch.float64), sizes)
+    n = n.to(device, non_blocking=True)
+    mean = avg.index_select(0, means_at)
+    m2 = total.index_select(0, vars_at) * (n - 1) + spread.index_select(0, means_at) * n
+    split = [int(c) for c in channels]
+    return list(mean.split(split)), list(m2.split(split))
 
 
 def ema_rows(
@@ -171,45 +207,31 @@ def ema_rows(
 class RowBuffer:
     """Per-call (n, batch mean, unbiased batch variance) rows, folded in chunks.
 
-    One fused copy of a layer's two buffers into a preallocated float64 row is all the per-batch
-    work a layer costs; the merge runs once per chunk, vectorized. The counts stay on the host
-    (they are known from shapes), so on a GPU the pass has no syncs and no tiny merge kernels per
-    layer per batch. Rows of a batch that is later abandoned (skipped) are rolled back; only
-    committed rows are folded.
+    One ``torch.cat`` of a layer's two buffers (one small kernel, in the buffers' own dtype) is
+    all the per-batch work a layer costs; the rows become float64 and are merged once per chunk,
+    vectorized. The counts stay on the host (they are known from shapes), so on a GPU the pass has
+    no syncs and no tiny merge kernels per layer per batch. Rows of a batch that is later
+    abandoned (skipped) are rolled back; only committed rows are folded.
     """
 
     def __init__(self, channels: int, device: torch.device, capacity: int = 64) -> None:
         self.capacity = capacity
-        self.rows = torch.empty(capacity, 2, channels, dtype=torch.float64, device=device)
-        self._views: list[tuple[Tensor, Tensor]] = []  # (mean, var) row views, made once each
+        self.channels = channels
+        self.device = device  # where the float64 rows are merged
+        self._rows: list[Tensor] = []  # (2C,): mean and unbiased variance of one call
         self.ns: list[int] = []
         self.tags: list[int] = []
         self.committed = 0
 
     def push(self, n: int, mean: Tensor, unbiased_var: Tensor) -> None:
         """Record one call's statistics (pending until :meth:`commit`); no autograd (buffers)."""
-        i = len(self.ns)
-        if i >= len(self._views):
-            self._grow(i)
-        # One call for both rows (converting to float64): a single kernel launch on a GPU.
-        torch._foreach_copy_(self._views[i], (mean, unbiased_var))
+        self._rows.append(torch.cat((mean, unbiased_var)))
         self.ns.append(n)
-
-    def _grow(self, i: int) -> None:
-        """Make the row views up to row ``i`` (once each: indexing costs a microsecond).
-
-        The storage doubles when one forward calls the layer more often than the capacity.
-        """
-        if i >= self.rows.shape[0]:
-            self.rows = torch.cat([self.rows, torch.empty_like(self.rows)])
-            self._views = []
-        while len(self._views) <= i:
-            row = self.rows[len(self._views)]
-            self._views.append((row[0], row[1]))
 
     def rollback(self) -> None:
         """Forget the rows pushed since the last commit."""
         del self.ns[self.committed :]
+        del self._rows[self.committed :]
 
     def commit(self, tag: int) -> None:
         """Keep the pending rows, labelled with ``tag`` (the batch index)."""
@@ -222,12 +244,21 @@ class RowBuffer:
         return self.committed >= self.capacity
 
     def take(self) -> tuple[list[int], Tensor, Tensor, list[int]]:
-        """The committed rows (views, valid until the next push) and their tags; then empty."""
-        k = self.committed
-        if len(self.ns) != k:
+        """The committed rows as float64 ``(k, C)`` means and variances, and their tags; then empty."""
+        ns, rows, tags = self.take_raw()
+        if rows:
+            stacked = torch.stack(rows).to(self.device, torch.float64)
+        else:
+            stacked = torch.empty(0, 2 * self.channels, dtype=torch.float64, device=self.device)
+        c = self.channels
+        return ns, stacked[:, :c], stacked[:, c:], tags
+
+    def take_raw(self) -> tuple[list[int], list[Tensor], list[int]]:
+        """The committed counts, ``(2C,)`` rows as pushed, and tags; then empty."""
+        if len(self.ns) != self.committed:
             raise RuntimeError("RowBuffer.take() with uncommitted rows; commit or roll back first")
-        out = (self.ns[:k], self.rows[:k, 0], self.rows[:k, 1], self.tags[:k])
-        self.ns, self.tags, self.committed = [], [], 0
+        out = (self.ns, self._rows, self.tags)
+        self._rows, self.ns, self.tags, self.committed = [], [], [], 0
         return out
 
 
@@ -322,6 +353,8 @@ def drifts(
     device = new_means[0].device
 
     def padded(values: Sequence[Tensor]) -> Tensor:
+        if len({(v.dtype, v.device) for v in values}) == 1:  # pad first: one conversion, not L
+            return pad_sequence(list(values), batch_first=True).to(device, torch.float64)
         moved = [v.detach().to(device, torch.float64) for v in values]
         return pad_sequence(moved, batch_first=True)
 

@@ -20,6 +20,7 @@ from conftest import (
     captured_bn_inputs,
     hooks_left,
     make_convnet,
+    make_images,
     pooled,
     randomize_bn,
     ref_moments,
@@ -1034,3 +1035,21 @@ def test_cuda_syncs_per_call_are_constant(images: Tensor, num_batches: Any) -> N
         counts.append(sum("synchroniz" in str(w.message) for w in caught))
     per_batch = 8 - 4 if num_batches == "auto" else 0  # "auto" reads its estimate from batch 5 on
     assert counts[0] == counts[1] <= 1 + per_batch, counts
+
+
+def test_equal_batches_pool_all_layers_at_once_exactly() -> None:
+    """Equal batches take the all-layers fold (also past a 64-row chunk), fallback layer included."""
+    torch.manual_seed(0)
+    model = randomize_bn(
+        nn.Sequential(
+            nn.Conv2d(3, 4, 3), NoUpdateBN(4), nn.ReLU(), nn.Conv2d(4, 5, 1), nn.BatchNorm2d(5)
+        )
+    )
+    data = make_images(n=160, seed=3) * 3 + 100.0  # a large mean: no cancellation allowed
+    batches = split(data, (2,) * 80)
+    seen = captured_bn_inputs(model, batches)
+    report = bnfix.recalibrate(model, batches)
+    assert [lr.path for lr in report.layers] == ["fallback", "fast"]
+    assert [lr.elements for lr in report.layers] == [160 * 36, 160 * 36]
+    assert_close_stats(model[1], *pooled(seen["1"]))
+    assert_close_stats(model[4], *pooled(seen["4"]))
