@@ -79,7 +79,7 @@ class LayerStats:
     calls: int = 0  # folded calls
     agree: Optional[Tensor] = None  # the first call's verdict on the device, while pending
     buffers: tuple[Tensor, ...] = ()  # (running_mean, running_var), read once per pass
-    finite: list[tuple[Tensor, list[int]]] = field(default_factory=list)  # per fold: row sums, tags
+    finite: list[tuple[Tensor, list[int]]] = field(default_factory=list)  # per fold: check, tags
     spread: Optional[SpreadTracker] = None
 
     def hook(self, module: _BatchNorm, args: tuple[Any, ...], output: Any) -> None:
