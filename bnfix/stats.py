@@ -167,8 +167,6 @@ def pool_layers(
     """
     k, device = rows.shape[0], rows.device
     total = rows.sum(dim=0)  # sums, not torch.var_mean: its reduction over dim 0 is slow on CPU
-    avg = total / k
-    spread = (rows - avg).square().sum(dim=0)  # sum over calls of (mean_i - pooled mean)^2
     sizes = torch.tensor(list(channels))
     # Channel g of the concatenated layers, in layer l with c_l channels before it, has its mean
     # at g + c_l (the variances of the layers before it come first) and its variance at
@@ -180,8 +178,10 @@ def pool_layers(
     vars_at = (first + torch.repeat_interleave(sizes, sizes)).to(device, non_blocking=True)
     n = torch.repeat_interleave(torch.tensor(list(ns), dtype=torch.float64), sizes)
     n = n.to(device, non_blocking=True)
-    mean = avg.index_select(0, means_at)
-    m2 = total.index_select(0, vars_at) * (n - 1) + spread.index_select(0, means_at) * n
+    mean = total.index_select(0, means_at) / k
+    # sum over calls of (mean_i - pooled mean)^2, on the mean columns only
+    spread = (rows.index_select(1, means_at) - mean).square().sum(dim=0)
+    m2 = total.index_select(0, vars_at) * (n - 1) + spread * n
     split = [int(c) for c in channels]
     return list(mean.split(split)), list(m2.split(split))
 
