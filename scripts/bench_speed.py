@@ -205,6 +205,29 @@ def micro_table(calls: int = 20000, repeats: int = 7) -> None:
             print(f"| {type(bn).__name__}({bn.num_features}) | {shape} | {cells} |", flush=True)
 
 
+def one_batch_table(calls: int = 40, repeats: int = 5) -> None:
+    """``recalibrate`` on resnet18 with one batch against the plain forward: the fixed cost.
+
+    One batch of 2x3x32x32, best of ``repeats`` x ``calls`` calls; the difference is the fixed
+    cost per call plus one batch's per-layer work (the first call of every layer included).
+    """
+    model = build("resnet18")
+    batches = make_batches("resnet18", 1, 2, 32, "cpu")
+    for runner in (plain, run_bnfix):
+        runner(model, batches)
+    best = {}
+    for name, runner in (("plain", plain), ("bnfix", run_bnfix)):
+        best[name] = min(
+            _per_call(lambda runner=runner: runner(model, batches), calls, 1)  # type: ignore[misc]
+            for _ in range(repeats)
+        )
+    print("\n| model | batch | plain ms | bnfix ms | bnfix - plain ms |\n|---|---|---|---|---|")
+    plain_ms, bnfix_ms = best["plain"] / 1e3, best["bnfix"] / 1e3
+    print(
+        f"| resnet18 | 1 x 2x3x32x32 | {plain_ms:.2f} | {bnfix_ms:.2f} | {bnfix_ms - plain_ms:.2f} |"
+    )
+
+
 def cpu_table(args: argparse.Namespace) -> None:
     print("| model | BN layers | plain ms/batch | method | fixed ms (vs plain) "
           "| µs per layer-batch (vs plain) | µs per layer-batch (vs hook) |")  # fmt: skip
@@ -261,7 +284,9 @@ def main() -> None:
     )
     parser.add_argument("--quick", action="store_true", help="3 rounds, for a smoke check")
     parser.add_argument(
-        "--micro", action="store_true", help="only the per-call price of the hooks on one layer"
+        "--micro",
+        action="store_true",
+        help="only the per-call price of the hooks on one layer and the one-batch fixed cost",
     )
     args = parser.parse_args()
     cuda = args.device.startswith("cuda")
@@ -274,6 +299,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if args.micro:
         micro_table()
+        one_batch_table()
         return
     print(
         f"torch {torch.__version__}, device {args.device}, {args.threads} thread(s), "
