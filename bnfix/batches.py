@@ -9,17 +9,20 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor, nn
 
 from bnfix.errors import BnfixError
+from bnfix.stats import read_all_rows
 
 __all__ = [
     "INPUT_KEYS",
     "TARGET_KEYS",
     "ForwardFn",
+    "LabelCheck",
     "TargetFn",
     "batch_size",
     "default_forward",
@@ -158,3 +161,53 @@ def progress_bar(loader: Any, limit: Optional[int], enabled: bool, desc: str) ->
     if limit is not None:
         total = limit if total is None else min(total, limit)
     return tqdm(total=total, disable=not enabled, file=sys.stderr, unit="batch", desc=desc)
+
+
+@dataclass
+class LabelCheck:
+    """Spots class-sorted loaders from the labels that pass by (when batches carry labels).
+
+    A sorted loader has at most (classes - 1) batches that straddle two classes; a shuffled one
+    has almost no single-class batches. So: warn when several classes were seen but at most
+    (classes - 1) batches were mixed.
+    """
+
+    classes: set[int] = field(default_factory=set)
+    mixed: int = 0
+    labelled: int = 0
+    _pending: list[Tensor] = field(default_factory=list)  # per batch (mixed, first, last)
+
+    def add(self, target: Any) -> None:
+        """Look at one batch's labels (anything but an integer tensor of 2+ labels is ignored).
+
+        The three numbers stay where the labels are until :meth:`note` reads them all at once,
+        so labels already on a GPU cost no sync per batch.
+        """
+        if not isinstance(target, Tensor) or target.numel() < 2 or target.is_floating_point():
+            return
+        flat = target.detach().reshape(-1)
+        self.labelled += 1
+        mixed = (flat != flat[0]).any().to(flat.dtype)
+        self._pending.append(torch.stack([mixed, flat[0], flat[-1]]).long())
+
+    def _read(self) -> None:
+        if self._pending:
+            for mixed, first, last in read_all_rows(self._pending):
+                self.mixed += int(mixed)
+                self.classes.update((int(first), int(last)))
+            self._pending = []
+
+    def note(self) -> Optional[str]:
+        """The warning for the report, or None when the loader does not look sorted."""
+        self._read()
+        if (
+            len(self.classes) < 2
+            or self.mixed > len(self.classes) - 1
+            or self.labelled <= self.mixed
+        ):
+            return None
+        return (
+            f"{self.labelled - self.mixed} of {self.labelled} calibration batches hold a single "
+            "class: the loader looks class-sorted, which biases batch statistics; shuffle it "
+            "(DataLoader(..., shuffle=True))"
+        )

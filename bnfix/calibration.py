@@ -7,10 +7,14 @@ How it works, in one pass and no more than one forward per batch:
   shift: Li et al., "Understanding the Disharmony between Dropout and Batch Normalization",
   CVPR 2019).
 * Fast path: with momentum 1.0 a standard BN layer leaves exactly its batch mean and unbiased batch
-  variance in its buffers; a forward hook reads them, a pre-hook counts the elements (as fvcore's
-  PreciseBN reads the buffers, but without its ``E[x^2] - E[x]^2`` cancellation). On the first
-  call each layer's buffers are checked against moments computed from its input; a BN subclass
-  with its own forward that does not follow the standard update falls back to those input moments.
+  variance in its buffers; one forward hook per layer copies them and counts the elements from
+  the input's shape (as fvcore's PreciseBN reads the buffers, but without its ``E[x^2] - E[x]^2``
+  cancellation). A BN subclass with its own forward is checked on its first call against moments
+  of its input, and falls back to those input moments if it does not follow the standard update.
+* No host sync per layer or per batch: counts stay on the host, rows are merged in chunks on the
+  device, drift and finiteness of every layer come back in one copy at the end (on a GPU the
+  first-call checks of subclasses are read once, after the first batch).
+* Compiled models run eagerly during the pass (:func:`bnfix.layers.eager`).
 * Per-batch ``(n, mean, M2)`` are merged in float64 with Chan's formula: the result is the mean
   and Bessel-corrected variance of everything the layer saw, whatever the batch split.
 * Every change to the model happens inside :func:`bnfix.layers.bn_mode`, whose ``finally``
@@ -20,36 +24,35 @@ How it works, in one pass and no more than one forward per batch:
 from __future__ import annotations
 
 import logging
+import math
 import time
-from collections.abc import Iterable
-from typing import Any, Callable, Optional
+import warnings
+from collections.abc import Iterable, Sequence
+from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from bnfix import distributed
-from bnfix.batches import (
-    ForwardFn,
-)
-from bnfix.collect import Collector, LayerStats, run_pass
-from bnfix.errors import BnfixError
-from bnfix.layers import (
-    LayerSelector,
-    check_lazy,
-    select_layers,
-    skipped_norm_layers,
-)
+from bnfix.batches import ForwardFn
+from bnfix.collect import Collector, LayerStats, PassResult, run_pass
+from bnfix.errors import BnfixError, BnfixWarning
+from bnfix.layers import LayerSelector, check_lazy, eager, select_layers, skipped_norm_layers
 from bnfix.plan import Device, Momentum, NumBatches, Plan, check_model
 from bnfix.report import LayerReport, Report
-from bnfix.stats import Drift, Moments, drift
+from bnfix.stats import Drift, Moments, drifts
 
 __all__ = ["calibrate", "recalibrate"]
 
 logger = logging.getLogger(__name__)
 
-_Stats = Optional[tuple[Tensor, Tensor, int]]  # new (mean, var, num_batches_tracked), None: unused
+_Tracked = Union[int, Tensor]  # num_batches_tracked to write: a count, or old + count (EMA)
+_Stats = Optional[tuple[Tensor, Tensor, _Tracked]]  # new (mean, var, tracked), None: unused
 _Saved = tuple[Tensor, Tensor, Tensor]  # a layer's buffers before the call
+
+_EMA_KEEPS = 0.5  # warn when an EMA update leaves more than this share of the old statistics
+_EMA_TARGET = 0.1  # ... and say how many batches would leave less than this
 
 
 def _layer_momentum(
@@ -74,82 +77,130 @@ def _layer_momentum(
 
 def _final_stats(
     states: list[LayerStats], pooled: list[Moments], calls: list[int], before: list[_Saved]
-) -> list[_Stats]:
-    """Each layer's new (mean, var, num_batches_tracked), None for a layer that saw no data.
+) -> tuple[list[_Stats], list[Drift]]:
+    """Each layer's new (mean, var, num_batches_tracked) (None: saw no data) and its drift.
+
+    Finiteness and drift of every layer are computed on the device and read in one copy.
 
     Raises:
         BnfixError: a layer's statistics are not finite (names the layer and the first batch).
     """
-    out: list[_Stats] = []
+    new: list[_Stats] = []
     for state, moments, count, (_, _, old_count) in zip(states, pooled, calls, before):
         if count == 0:
-            out.append(None)
-            continue
-        if state.momentum is None:
-            mean, var, tracked = moments.mean, moments.unbiased_var(), count
+            new.append(None)
+        elif state.momentum is None:
+            new.append((moments.mean, moments.unbiased_var(), count))
         else:
             assert state.mean is not None and state.var is not None
-            mean, var, tracked = state.mean, state.var, int(old_count) + count
-        if not (torch.isfinite(mean).all() and torch.isfinite(var).all()):
-            bad = state.first_bad
-            if bad is None and state.momentum is not None:
-                raise BnfixError(
-                    f"Expected finite running statistics in layer {state.name} for an EMA update "
-                    f"(momentum={state.momentum}), but they are NaN/inf before the call and an EMA "
-                    "cannot repair them; use momentum='exact'. The model was left unchanged."
-                )
-            where = f"batch {bad}" if bad is not None else "another rank's data"
-            raise BnfixError(
-                f"Expected finite batch statistics, but layer {state.name} saw NaN/inf ({where}); "
-                "check the inputs and the layers before it. The model was left unchanged."
-            )
-        out.append((mean, var, tracked))
-    return out
+            new.append((state.mean, state.var, old_count + count))
+    used = [i for i, stats in enumerate(new) if stats is not None]
+    checked = drifts(
+        [before[i][0] for i in used],
+        [before[i][1] for i in used],
+        [new[i][0] for i in used],  # type: ignore[index]
+        [new[i][1] for i in used],  # type: ignore[index]
+        [states[i].module.eps for i in used],
+    )
+    moved: list[Drift] = [Drift(0.0, 0.0, 0.0, 0.0)] * len(new)
+    for i, (finite, numbers) in zip(used, checked):
+        if not finite:
+            _raise_not_finite(states[i])
+        moved[i] = numbers
+    return new, moved
+
+
+def _raise_not_finite(state: LayerStats) -> None:
+    bad = state.first_bad
+    if bad is None and state.momentum is not None:
+        raise BnfixError(
+            f"Expected finite running statistics in layer {state.name} for an EMA update "
+            f"(momentum={state.momentum}), but they are NaN/inf before the call and an EMA "
+            "cannot repair them; use momentum='exact'. The model was left unchanged."
+        )
+    where = f"batch {bad}" if bad is not None else "another rank's data"
+    raise BnfixError(
+        f"Expected finite batch statistics, but layer {state.name} saw NaN/inf ({where}); "
+        "check the inputs and the layers before it. The model was left unchanged."
+    )
 
 
 def _layer_reports(
     states: list[LayerStats],
     new: list[_Stats],
+    moved: list[Drift],
     pooled: list[Moments],
     calls: list[int],
-    before: list[_Saved],
 ) -> list[LayerReport]:
-    reports = []
-    for state, stats, moments, count, (old_mean, old_var, _) in zip(
-        states, new, pooled, calls, before
-    ):
-        module = state.module
-        if stats is None:
-            moved = Drift(0.0, 0.0, 0.0, 0.0)
-        else:
-            moved = drift(old_mean, old_var, stats[0], stats[1], module.eps)
-        reports.append(
-            LayerReport(
-                name=state.name,
-                kind=type(module).__name__,
-                channels=module.num_features,
-                elements=moments.n,
-                batches=count,
-                path="unused" if stats is None else state.path,
-                momentum=state.momentum,
-                drift=moved,
-            )
+    return [
+        LayerReport(
+            name=state.name,
+            kind=type(state.module).__name__,
+            channels=state.module.num_features,
+            elements=moments.n,
+            batches=count,
+            path="unused" if stats is None else state.path,
+            momentum=state.momentum,
+            drift=shift,
         )
-    return reports
+        for state, stats, shift, moments, count in zip(states, new, moved, pooled, calls)
+    ]
 
 
-def _write(modules: list[_BatchNorm], values: list[Optional[_Saved]]) -> None:
-    """Copy statistics into the buffers in place (never rebinding: DDP/state_dict views stay valid)."""
+def _write(modules: list[_BatchNorm], values: Sequence[Optional[_Stats]]) -> None:
+    """Copy statistics into the buffers in place (never rebinding: DDP/state_dict views stay valid).
+
+    A count is written with ``fill_`` (a kernel argument, not a host-to-device copy).
+    """
     with torch.no_grad():
         for module, value in zip(modules, values):
-            if value is not None:
-                module.running_mean.copy_(value[0])  # type: ignore[union-attr]
-                module.running_var.copy_(value[1])  # type: ignore[union-attr]
-                module.num_batches_tracked.copy_(value[2])  # type: ignore[union-attr]
+            if value is None:
+                continue
+            module.running_mean.copy_(value[0])  # type: ignore[union-attr]
+            module.running_var.copy_(value[1])  # type: ignore[union-attr]
+            tracked = module.num_batches_tracked
+            assert tracked is not None
+            if isinstance(value[2], Tensor):
+                tracked.copy_(value[2])
+            else:
+                tracked.fill_(value[2])
 
 
 def _undoer(modules: list[_BatchNorm], before: list[_Saved]) -> Callable[[], None]:
     return lambda: _write(modules, list(before))
+
+
+def _ema_note(states: list[LayerStats], calls: list[int], momentum: Momentum) -> Optional[str]:
+    """A note when an EMA update leaves most of the old statistics in place.
+
+    ``k`` EMA steps with momentum ``m`` keep ``(1 - m)^k`` of the starting value: momentum 0.01
+    over 6 batches keeps 94 % of statistics that were presumably stale, which is rarely what the
+    caller meant. The worst layer is named, with the number of batches that would keep < 10 %.
+    """
+    kept = [
+        ((1.0 - s.momentum) ** k, s, k)
+        for s, k in zip(states, calls)
+        if s.momentum is not None and k > 0 and s.momentum < 1
+    ]
+    if not kept:
+        return None
+    share, state, k = max(kept, key=lambda item: item[0])
+    if share <= _EMA_KEEPS:
+        return None
+    assert state.momentum is not None
+    needed = math.ceil(math.log(_EMA_TARGET) / math.log(1.0 - state.momentum))
+    return (
+        f"momentum={momentum!r} over {k} batch(es) keeps {share:.0%} of the previous running "
+        f"statistics (layer {state.name}: (1 - {state.momentum:g})^{k}); about {needed} batches "
+        f"would keep under {_EMA_TARGET:.0%}, or pass momentum='exact' to replace them"
+    )
+
+
+def _announce(notes: Sequence[str]) -> None:
+    """Each note on the ``bnfix`` logger and as a :class:`BnfixWarning` (filterable, testable)."""
+    for note in notes:
+        logger.warning(note)
+        warnings.warn(note, BnfixWarning, stacklevel=4)
 
 
 def recalibrate(
@@ -223,72 +274,53 @@ def recalibrate(
     return calibrate(model, loader, plan)
 
 
-def calibrate(model: nn.Module, loader: Iterable[Any], plan: Plan) -> Report:
-    """:func:`recalibrate` with its options already validated into ``plan``."""
-    target_device = plan.device_for(model)
-    check_lazy(model)
-    selection = select_layers(model, plan.layers)
-    process_group = plan.process_group
-    if process_group is None:
-        distributed.warn_if_unsynced()
-    ranks = distributed.world_size(process_group)
-    method = plan.method
-    skipped_layers = tuple(skipped_norm_layers(model))
-    notes = list(selection.notes)
-    if not selection.layers:
-        for note in notes:
-            logger.warning(note)
-        return Report((), skipped_layers, method, warnings=tuple(notes), ranks=ranks)
-
-    momenta = [
-        _layer_momentum(module, plan.momentum, notes, name) for name, module in selection.layers
-    ]
-    modules = [module for _, module in selection.layers]
-    before: list[_Saved] = [
-        (m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone())  # type: ignore[union-attr]
-        for m in modules
-    ]
-    collector = Collector(selection.layers, momenta, auto=plan.auto is not None)
+def _run(
+    model: nn.Module, loader: Iterable[Any], collector: Collector, plan: Plan
+) -> tuple[PassResult, float]:
+    """The calibration pass, eagerly and without autograd; a failure is announced to the ranks."""
     start = time.perf_counter()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), eager(model):
             run = run_pass(
                 model,
                 loader,
                 collector,
                 limit=plan.limit,
-                auto=plan.auto,
                 dropout=plan.dropout,
                 forward=plan.forward,
-                device=target_device,
+                device=plan.device_for(model),
                 progress=plan.progress,
             )
     except BaseException:  # KeyboardInterrupt too: the other ranks must not wait forever
-        if process_group is not None:
-            distributed.any_rank_failed(True, process_group)
+        if plan.process_group is not None:
+            distributed.any_rank_failed(True, plan.process_group)
         raise
-    seconds = time.perf_counter() - start
+    return run, time.perf_counter() - start
 
+
+def _merged(
+    collector: Collector, run: PassResult, group: Any
+) -> tuple[list[Moments], list[int], tuple[int, int, int]]:
+    """Pooled moments, calls per layer and (used, samples, skipped), over every rank."""
     pooled = [state.pooled for state in collector.states]
     calls = [state.calls for state in collector.states]
-    used, samples, skipped = run.used, run.samples, run.skipped
-    if process_group is not None:
-        if distributed.any_rank_failed(False, process_group):
-            raise BnfixError(
-                "Another rank failed during recalibration (its own traceback says why); "
-                "statistics were left unchanged on every rank"
-            )
-        pooled, calls, (used, samples, skipped) = distributed.gather_moments(
-            pooled, calls, (used, samples, skipped), process_group
-        )
-    if used == 0:
+    counters = (run.used, run.samples, run.skipped)
+    if group is None:
+        return pooled, calls, counters
+    if distributed.any_rank_failed(False, group):
         raise BnfixError(
-            "Expected at least one usable calibration batch, but the loader was empty"
-            + (f" or all {skipped} batch(es) were skipped" if skipped else "")
-            + "; pass a loader with at least one batch of two or more samples"
+            "Another rank failed during recalibration (its own traceback says why); "
+            "statistics were left unchanged on every rank"
         )
-    new = _final_stats(collector.states, pooled, calls, before)
+    pooled, calls, merged = distributed.gather_moments(pooled, calls, counters, group)
+    return pooled, calls, (merged[0], merged[1], merged[2])
 
+
+def _pass_notes(
+    run: PassResult, plan: Plan, used: int, skipped: int, unused: list[str]
+) -> list[str]:
+    """What the report should say about the pass itself."""
+    notes = []
     if skipped:
         notes.append(
             f"skipped {skipped} batch(es) in which a layer would see a single element per channel "
@@ -303,22 +335,56 @@ def calibrate(model: nn.Module, loader: Iterable[Any], plan: Plan) -> Report:
             f"num_batches='auto' ran out of data before the relative standard error reached "
             f"tol={plan.auto} (last: {reached}); all {used} batch(es) were used"
         )
-    unused = [state.name for state, stats in zip(collector.states, new) if stats is None]
     if unused:
         notes.append(
             "these layers saw no data and kept their statistics (unused branch?): "
             + ", ".join(unused)
         )
-    reports = _layer_reports(collector.states, new, pooled, calls, before)
+    return notes
+
+
+def calibrate(model: nn.Module, loader: Iterable[Any], plan: Plan) -> Report:
+    """:func:`recalibrate` with its options already validated into ``plan``."""
+    check_lazy(model)
+    selection = select_layers(model, plan.layers)
+    if plan.process_group is None:
+        distributed.warn_if_unsynced()
+    ranks = distributed.world_size(plan.process_group)
+    skipped_layers = tuple(skipped_norm_layers(model))
+    notes = list(selection.notes)
+    if not selection.layers:
+        _announce(notes)
+        return Report((), skipped_layers, plan.method, warnings=tuple(notes), ranks=ranks)
+
+    momenta = [_layer_momentum(m, plan.momentum, notes, n) for n, m in selection.layers]
+    modules = [module for _, module in selection.layers]
+    before: list[_Saved] = [
+        (m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone())  # type: ignore[union-attr]
+        for m in modules
+    ]
+    collector = Collector(selection.layers, momenta, tol=plan.auto)
+    run, seconds = _run(model, loader, collector, plan)
+    pooled, calls, (used, samples, skipped) = _merged(collector, run, plan.process_group)
+    if used == 0:
+        raise BnfixError(
+            "Expected at least one usable calibration batch, but the loader was empty"
+            + (f" or all {skipped} batch(es) were skipped" if skipped else "")
+            + "; pass a loader with at least one batch of two or more samples"
+        )
+    new, moved = _final_stats(collector.states, pooled, calls, before)
+    unused = [state.name for state, stats in zip(collector.states, new) if stats is None]
+    notes += _pass_notes(run, plan, used, skipped, unused)
+    ema = _ema_note(collector.states, calls, plan.momentum)
+    if ema:
+        notes.append(ema)
 
     # The pass succeeded and everything it touched was restored; write the results in one go.
-    _write(modules, [None if s is None else (s[0], s[1], torch.tensor(s[2])) for s in new])
-    for note in notes:
-        logger.warning(note)
+    _write(modules, new)
+    _announce(notes)
     return Report(
-        layers=tuple(reports),
+        layers=tuple(_layer_reports(collector.states, new, moved, pooled, calls)),
         skipped_layers=skipped_layers,
-        method=method,
+        method=plan.method,
         batches=used,
         samples=samples,
         skipped_batches=skipped,

@@ -2,11 +2,12 @@
 
 Shared by :func:`bnfix.recalibrate` (which writes the result) and :func:`bnfix.diagnose` (which only
 looks). The caller runs the model with the layers in train mode at momentum 1.0 (see
-:func:`bnfix.layers.bn_mode`); a pre-hook counts each call's elements per channel, a forward hook
-reads the layer's own batch statistics from its buffers (the fast path, no second pass over the
-activations) or, for a BN subclass whose buffers do not hold the standard update (checked on the
-first call), takes the moments of the input itself. Rows are folded in chunks with Chan's formula
-in float64 (:mod:`bnfix.stats`). :func:`run_pass` is recalibrate's calibration pass over a loader.
+:func:`bnfix.layers.bn_mode`); one forward hook per layer counts the call's elements per channel
+from the input's shape and copies the layer's own batch statistics from its buffers (the fast
+path: no second pass over the activations, no host sync) or, for a BN subclass whose buffers do
+not hold the standard update (checked on its first call), takes the moments of the input itself.
+Rows are folded in chunks with Chan's formula in float64 (:mod:`bnfix.stats`). :func:`run_pass`
+is recalibrate's calibration pass over a loader.
 """
 
 from __future__ import annotations
@@ -24,36 +25,118 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from bnfix.batches import ForwardFn, batch_size, default_target, progress_bar, to_device
-from bnfix.layers import SkipBatch, bn_mode, elements_per_channel
-from bnfix.stats import Moments, RowBuffer, SpreadTracker, ema_rows, moments_of, pool_rows
+from bnfix.batches import (
+    ForwardFn,
+    LabelCheck,
+    batch_size,
+    default_target,
+    progress_bar,
+    to_device,
+)
+from bnfix.layers import SkipBatch, bn_mode, buffers_agree, standard_forward
+from bnfix.stats import (
+    Moments,
+    RowBuffer,
+    SpreadTracker,
+    ema_rows,
+    moments_of,
+    pool_layers,
+    pool_rows,
+    read_all,
+)
 
 __all__ = ["Collector", "LabelCheck", "LayerStats", "PassResult", "batch_stats", "run_pass"]
 
 logger = logging.getLogger(__name__)
 
 _AUTO_MIN_BATCHES = 5  # a spread estimated from fewer batches is too noisy to stop on
-_CHECK_CHANNELS = 8  # channels compared when checking a layer's buffers on its first call
+
+
+def _defer_check(x: Tensor) -> bool:
+    """Check a layer's first call on the device and read the verdict once per batch (no sync).
+
+    On the CPU reading a flag costs nothing, and deciding at once spares the fallback's moments.
+    """
+    return x.device.type != "cpu"
 
 
 @dataclass
 class LayerStats:
-    """Book-keeping for one BN layer during a pass: pooled moments or EMA state, this chunk's rows."""
+    """Book-keeping for one BN layer during a pass: pooled moments or EMA state, this chunk's rows.
+
+    ``path`` goes ``check`` -> ``fast`` (read the buffers) or ``fallback`` (moments of the
+    input), through ``pending`` on a GPU while the first call's verdict waits on the device.
+    """
 
     name: str
     module: _BatchNorm
     momentum: Optional[float]  # None: exact pooling
-    path: str = "check"  # check -> fast | fallback
+    path: str = "check"
     pooled: Moments = field(default_factory=lambda: Moments.empty(0))
     mean: Optional[Tensor] = None  # EMA state (float64)
     var: Optional[Tensor] = None
     rows: Optional[RowBuffer] = None  # this chunk's per-call statistics
     calls: int = 0  # folded calls
-    n_current: int = 0
-    from_input: Optional[Moments] = None
-    first_input: Optional[Tensor] = None
-    first_bad: Optional[int] = None  # index of the first batch with non-finite statistics
+    agree: Optional[Tensor] = None  # the first call's verdict on the device, while pending
+    buffers: tuple[Tensor, ...] = ()  # (running_mean, running_var), read once per pass
+    finite: list[tuple[Tensor, list[int]]] = field(default_factory=list)  # per fold: check, tags
     spread: Optional[SpreadTracker] = None
+
+    def hook(self, module: _BatchNorm, args: tuple[Any, ...], output: Any) -> None:
+        """Forward hook (registered with ``always_call``): one row per call.
+
+        A train-mode BN raises on a single element per channel before any forward hook could
+        look; ``always_call`` runs this hook anyway (``output`` is None then), and the
+        :class:`SkipBatch` it raises replaces the layer's error, so the batch is abandoned as
+        a whole and user code catching ``Exception`` cannot swallow it.
+        """
+        # Every line here runs once per layer per batch: kept to plain attribute reads.
+        x = args[0] if args else None
+        if not isinstance(x, Tensor) or x.dim() < 2 or not x.shape[1]:
+            return  # let the layer itself complain about its input
+        n = x.numel() // x.shape[1]
+        if n <= 1:
+            raise SkipBatch(self.name)
+        if output is None:
+            return  # the layer raised something else: let that propagate
+        if self.path == "fast" and module is self.module:  # not a DataParallel replica
+            self.rows.push(n, *self.buffers)  # type: ignore[union-attr]
+        else:
+            self._slow_call(module, x, n)
+
+    def _slow_call(self, module: _BatchNorm, x: Tensor, n: int) -> None:
+        """The first call (decide the path) and every call of a fallback or pending layer."""
+        assert self.rows is not None
+        if self.path == "check":
+            if standard_forward(module):
+                self.path = "fast"
+            else:
+                agree = buffers_agree(module, x)
+                if _defer_check(x):
+                    self.path, self.agree = "pending", agree
+                else:
+                    self.resolve(bool(agree))
+        if self.path == "fast":  # the first call, or a replica with its own buffers
+            self.rows.push(n, module.running_mean, module.running_var)  # type: ignore[arg-type]
+            return
+        own = moments_of(x)
+        if self.path == "fallback":
+            self.rows.push(n, own.mean, own.var())
+        else:  # pending: keep whichever row the verdict will pick, decided on the device
+            assert self.agree is not None
+            self.rows.push(
+                n,
+                torch.where(self.agree, module.running_mean, own.mean),  # type: ignore[arg-type]
+                torch.where(self.agree, module.running_var, own.var()),  # type: ignore[arg-type]
+            )
+
+    def resolve(self, agrees: bool) -> None:
+        """Settle the path from the first call's verdict."""
+        self.path, self.agree = ("fast" if agrees else "fallback"), None
+        if not agrees:
+            logger.info(
+                "%s: buffers do not hold the standard BN update; using input moments", self.name
+            )
 
     def fold(self) -> None:
         """Merge the committed rows into the pooled moments (or the EMA state)."""
@@ -61,9 +144,10 @@ class LayerStats:
         ns, means, variances, tags = self.rows.take()
         if not ns:
             return
-        finite = torch.isfinite(means).all(dim=1) & torch.isfinite(variances).all(dim=1)
-        if self.first_bad is None and not bool(finite.all()):
-            self.first_bad = tags[int((~finite).nonzero()[0, 0])]
+        # Kept on the device: only a non-finite result (the rare error) reads them back.
+        # Per row, a sum that is finite exactly when every value in the row is (short of an
+        # overflow past 1e308); two kernels, read only to name the first bad batch on an error.
+        self.finite.append(((means + variances).sum(dim=1), tags))
         self.calls += len(ns)
         # Pooled moments are kept in every mode: they are the exact statistics, and in EMA mode
         # they still give the report its element count and num_batches="auto" its scale.
@@ -74,73 +158,15 @@ class LayerStats:
         if self.spread is not None:
             self.spread.add_rows(means, variances)
 
-
-def _agrees(module: _BatchNorm, x: Tensor) -> bool:
-    """Do the layer's buffers hold the standard PyTorch update for input ``x``?
-
-    Checked once per layer, on its first call, against ``var_mean`` of some of the input's
-    channels in the input's own precision (the fast path must stay as fast as a plain forward). The
-    tolerances are far looser than the rounding of either computation and far tighter than any
-    real deviation (a different momentum, a different normalization, no update at all).
-    """
-    mean, unbiased_var = module.running_mean, module.running_var
-    assert mean is not None and unbiased_var is not None
-    # A handful of channels spread over the layer is enough to tell a different update rule, at
-    # a fraction of the cost of reducing all of them (CPU reductions are as slow as BN itself).
-    channels = torch.linspace(0, x.shape[1] - 1, min(x.shape[1], _CHECK_CHANNELS)).long()
-    sample = x.detach().index_select(1, channels.to(x.device))
-    dims = [d for d in range(x.dim()) if d != 1]
-    ref_var, ref_mean = torch.var_mean(sample, dim=dims, correction=1)
-    ref_mean, ref_var = ref_mean.to(torch.float64), ref_var.to(torch.float64)
-    mean, unbiased_var = mean[channels.to(mean.device)], unbiased_var[channels.to(mean.device)]
-    scale = torch.finfo(x.dtype).eps / torch.finfo(torch.float32).eps
-    magnitude = ref_mean.abs()
-    mean_tol = scale * (1e-4 * ref_var.clamp_min(0).sqrt() + 1e-6 * magnitude) + 1e-8
-    var_tol = scale * (1e-3 * ref_var + (1e-5 * magnitude).square()) + 1e-10
-    return bool(
-        ((mean.to(torch.float64) - ref_mean).abs() <= mean_tol).all()
-        and ((unbiased_var.to(torch.float64) - ref_var).abs() <= var_tol).all()
-    )
-
-
-def _make_hooks(layer: LayerStats) -> tuple[Any, Any]:
-    def pre_hook(module: _BatchNorm, args: tuple[Any, ...]) -> None:
-        x = args[0] if args else None
-        if not isinstance(x, Tensor) or x.dim() < 2:
-            return  # let the layer itself complain about its input
-        n = elements_per_channel(x)
-        if n <= 1:
-            raise SkipBatch(layer.name)
-        layer.n_current = n
-        if layer.path == "check":
-            layer.first_input = x  # held only until the post-hook has checked the buffers
-        elif layer.path == "fallback":
-            layer.from_input = moments_of(x)
-
-    def post_hook(module: _BatchNorm, args: tuple[Any, ...], output: Any) -> None:
-        n, reference, first = layer.n_current, layer.from_input, layer.first_input
-        layer.n_current, layer.from_input, layer.first_input = 0, None, None
-        if n == 0:
-            return
-        assert layer.rows is not None
-        if layer.path == "check":
-            assert first is not None
-            if _agrees(module, first):
-                layer.path = "fast"
-            else:
-                layer.path = "fallback"
-                reference = moments_of(first)
-                logger.info(
-                    "%s: buffers do not hold the standard BN update; using input moments",
-                    layer.name,
-                )
-        if layer.path == "fast":
-            layer.rows.push(n, module.running_mean, module.running_var)  # type: ignore[arg-type]
-        else:
-            assert reference is not None
-            layer.rows.push(n, reference.mean, reference.var())
-
-    return pre_hook, post_hook
+    @property
+    def first_bad(self) -> Optional[int]:
+        """Index of the first batch whose statistics were not finite (reads the device)."""
+        for check, tags in self.finite:  # row sums (one layer's fold) or a finite mask (all)
+            ok = check.all(dim=1) if check.dtype == torch.bool else check.isfinite()
+            bad = (~ok).nonzero()
+            if bad.numel():
+                return tags[int(bad[0, 0])]
+        return None
 
 
 class Collector:
@@ -150,18 +176,20 @@ class Collector:
         layers: ``(name, module)`` pairs.
         momenta: per layer, None to pool exactly or an EMA momentum (starting from the layer's
             current statistics, so build the collector before the buffers are touched).
-        auto: track the spread of per-batch moments, for :meth:`relative_standard_error`.
+        tol: for ``num_batches="auto"``: the relative standard error :func:`run_pass` stops at
+            (the spread of per-batch moments is tracked, see :meth:`relative_standard_error`);
+            None to run every batch.
     """
 
     def __init__(
         self,
         layers: Sequence[tuple[str, _BatchNorm]],
         momenta: Optional[Sequence[Optional[float]]] = None,
-        auto: bool = False,
+        tol: Optional[float] = None,
     ) -> None:
         self.states: list[LayerStats] = []
         self.order: dict[str, int] = {}
-        self._auto = auto
+        self.tol = tol
         for i, (name, module) in enumerate(layers):
             mean, var = module.running_mean, module.running_var
             assert mean is not None and var is not None
@@ -172,7 +200,7 @@ class Collector:
             if state.momentum is not None:
                 state.mean = mean.detach().to(device, torch.float64, copy=True)
                 state.var = var.detach().to(device, torch.float64, copy=True)
-            if auto:
+            if tol is not None:
                 state.spread = SpreadTracker()
             self.states.append(state)
 
@@ -182,11 +210,10 @@ class Collector:
         handles = []
         try:
             for state in self.states:
+                state.buffers = (state.module.running_mean, state.module.running_var)  # type: ignore[assignment]
                 if track_order:
                     handles.append(state.module.register_forward_pre_hook(self._order_hook(state)))
-                pre, post = _make_hooks(state)
-                handles.append(state.module.register_forward_pre_hook(pre))
-                handles.append(state.module.register_forward_hook(post))
+                handles.append(state.module.register_forward_hook(state.hook, always_call=True))
             yield
         finally:
             for handle in handles:
@@ -198,36 +225,93 @@ class Collector:
 
         return hook
 
+    def _resolve_pending(self) -> None:
+        """Settle every layer still waiting for its first call's verdict: one host sync."""
+        pending = [state for state in self.states if state.path == "pending"]
+        if pending:
+            verdicts = read_all([s.agree for s in pending])  # type: ignore[misc]
+            for state, agrees in zip(pending, verdicts):
+                state.resolve(bool(agrees))
+
     def commit(self, index: int) -> None:
         """Keep the batch just run (labelled ``index``); fold full chunks (every batch in auto)."""
+        self._resolve_pending()
         for state in self.states:
-            assert state.rows is not None
-            state.rows.commit(index)
-            if state.rows.full or self._auto:
+            state.rows.commit(index)  # type: ignore[union-attr]
+        if self.tol is not None:  # the spread of per-batch moments is needed after every batch
+            for state in self.states:
                 state.fold()
+        elif any(state.rows.full for state in self.states):  # type: ignore[union-attr]
+            self.finish()
 
     def discard(self) -> None:
         """Drop a skipped batch's partial moments, so no layer counts part of it."""
         for state in self.states:
             assert state.rows is not None
             state.rows.rollback()
-            state.n_current, state.from_input, state.first_input = 0, None, None
 
     def finish(self) -> None:
-        """Fold every committed row."""
-        for state in self.states:
-            state.fold()
+        """Fold every committed row (all layers at once when they allow it)."""
+        self._resolve_pending()
+        if not self._fold_together():
+            for state in self.states:
+                state.fold()
+
+    def _fold_together(self) -> bool:
+        """Pool every layer's committed rows with one set of kernels (see :func:`pool_layers`).
+
+        Applies when every layer with rows pools exactly (no EMA, no spread), has as many rows
+        as the others, all with the same count, on one device: the usual recalibration. The
+        per-layer fold costs a handful of kernels per layer instead.
+        """
+        states = [s for s in self.states if s.rows.committed]  # type: ignore[union-attr]
+        if len(states) < 2:
+            return False
+        k = states[0].rows.committed  # type: ignore[union-attr]
+        for s in states:
+            ns = s.rows.ns  # type: ignore[union-attr]
+            if s.momentum is not None or s.spread is not None or len(ns) != k:
+                return False
+            if ns.count(ns[0]) != k:
+                return False
+        taken = [s.rows.take_raw() for s in states]  # type: ignore[union-attr]
+        pieces = [rows[i] for i in range(k) for _, rows, _ in taken]  # call by call
+        if len({p.device for p in pieces}) != 1:
+            for s, (ns, rows, tags) in zip(states, taken):  # put them back, fold one by one
+                s.rows._rows, s.rows.ns, s.rows.tags = rows, ns, tags  # type: ignore[union-attr]
+                s.rows.committed = k  # type: ignore[union-attr]
+            return False
+        device = states[0].rows.device  # type: ignore[union-attr]
+        widths = [s.rows.channels for s in states]  # type: ignore[union-attr]
+        if pieces[0].device == device:  # straight into float64: one pass fewer
+            flat = torch.empty(k, 2 * sum(widths), dtype=torch.float64, device=device)
+            torch.cat(pieces, out=flat.view(-1))
+        else:
+            flat = torch.cat(pieces).to(device, torch.float64).view(k, -1)
+        finite = flat.isfinite()  # read only to name the first bad batch on an error
+        means, m2s = pool_layers(flat, [ns[0] for ns, _, _ in taken], widths)
+        start = 0
+        for s, (ns, _, tags), mean, m2, width in zip(states, taken, means, m2s, widths):
+            s.finite.append((finite[:, start : start + 2 * width], tags))
+            start += 2 * width
+            s.calls += k
+            s.pooled = s.pooled.merge(Moments(k * ns[0], mean, m2))
+        return True
 
     def relative_standard_error(self) -> float:
-        """Worst layer's relative standard error of its estimates (inf until known)."""
-        return max(
-            (
-                state.spread.relative_standard_error(state.pooled, state.module.eps)
-                for state in self.states
-                if state.calls and state.spread is not None
-            ),
-            default=math.inf,  # no layer has seen data (all unused): keep going
-        )
+        """Worst layer's relative standard error of its estimates (inf until known).
+
+        The per-layer values stay on the device; one number is read per call.
+        """
+        errors = [
+            state.spread.worst_error(state.pooled, state.module.eps)
+            for state in self.states
+            if state.calls and state.spread is not None
+        ]
+        known = [e for e in errors if e is not None]
+        if not known or len(known) < len(errors):
+            return math.inf  # no layer has seen enough data yet (or all are unused): keep going
+        return max(read_all(known))
 
     def stats(self) -> list[Optional[tuple[Tensor, Tensor]]]:
         """Per layer pooled ``(mean, unbiased var)`` in float64, None for a layer that saw no data."""
@@ -253,43 +337,6 @@ def batch_stats(model: nn.Module, modules: list[_BatchNorm], dropout: bool) -> I
 
 
 @dataclass
-class LabelCheck:
-    """Spots class-sorted loaders from the labels that pass by (when batches carry labels).
-
-    A sorted loader has at most (classes - 1) batches that straddle two classes; a shuffled one
-    has almost no single-class batches. So: warn when several classes were seen but at most
-    (classes - 1) batches were mixed.
-    """
-
-    classes: set[int] = field(default_factory=set)
-    mixed: int = 0
-    labelled: int = 0
-
-    def add(self, target: Any) -> None:
-        """Look at one batch's labels (anything but an integer tensor of 2+ labels is ignored)."""
-        if not isinstance(target, Tensor) or target.numel() < 2 or target.is_floating_point():
-            return
-        flat = target.reshape(-1)
-        self.labelled += 1
-        self.mixed += int(bool((flat != flat[0]).any()))
-        self.classes.update(int(c) for c in (flat[0], flat[-1]))
-
-    def note(self) -> Optional[str]:
-        """The warning for the report, or None when the loader does not look sorted."""
-        if (
-            len(self.classes) < 2
-            or self.mixed > len(self.classes) - 1
-            or self.labelled <= self.mixed
-        ):
-            return None
-        return (
-            f"{self.labelled - self.mixed} of {self.labelled} calibration batches hold a single "
-            "class: the loader looks class-sorted, which biases batch statistics; shuffle it "
-            "(DataLoader(..., shuffle=True))"
-        )
-
-
-@dataclass
 class PassResult:
     """Counters of one calibration pass."""
 
@@ -306,7 +353,6 @@ def run_pass(
     collector: Collector,
     *,
     limit: Optional[int],
-    auto: Optional[float],
     dropout: bool,
     forward: ForwardFn,
     device: torch.device,
@@ -317,7 +363,8 @@ def run_pass(
     Everything is restored on exit by :func:`bnfix.collect.batch_stats` and the collector's hooks
     context, also when the loader or the model raises. A batch on which some layer would see a
     single element per channel is abandoned as a whole (:class:`bnfix.layers.SkipBatch`), so no
-    layer counts part of it.
+    layer counts part of it. With ``collector.tol`` set (``num_batches="auto"``) the pass stops
+    once the worst relative standard error is at most ``tol``: one host read per batch.
     """
     result = PassResult()
     modules = [state.module for state in collector.states]
@@ -339,9 +386,9 @@ def run_pass(
                 collector.commit(index)
                 result.used += 1
                 result.samples += batch_size(batch)
-                if auto is not None and result.used >= _AUTO_MIN_BATCHES:
+                if collector.tol is not None and result.used >= _AUTO_MIN_BATCHES:
                     result.rse = collector.relative_standard_error()
-                    if result.rse <= auto:
+                    if result.rse <= collector.tol:
                         break
                 if not bar.disable:  # the postfix costs more than a small model's forward
                     rate = result.samples / max(time.perf_counter() - start, 1e-9)

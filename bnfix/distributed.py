@@ -1,6 +1,7 @@
 """Exact merge of per-layer moments across the ranks of a process group.
 
-Each rank sends its per-layer ``(n, mean, M2)`` and counters in one float64 tensor; every rank
+Each rank sends its per-layer ``(n, mean, M2)`` and counters in one float64 tensor (the counts
+read back once per rank, never once per layer); every rank
 merges all of them in rank order with Chan's formula, so every rank ends with bit-identical
 statistics of the union of all ranks' data. fvcore's PreciseBN leaves each rank with its own
 statistics, and averaging rank averages (detectron2#5398, fvcore#152) is wrong when ranks see
@@ -17,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from bnfix.errors import BnfixError, BnfixWarning
-from bnfix.stats import Moments
+from bnfix.stats import Moments, host_vector
 
 __all__ = ["any_rank_failed", "gather_moments", "warn_if_unsynced", "world_size"]
 
@@ -73,16 +74,18 @@ def gather_moments(
         The merged moments, the summed calls and the summed counters, identical on every rank.
     """
     device = _device(group)
-    parts = [torch.tensor([float(c) for c in counters], dtype=torch.float64)]
+    # One header of host numbers (counters, then n and calls per layer) and one body of every
+    # layer's mean and M2 concatenated on the device: no copy per layer in either direction.
+    header = [float(c) for c in counters]
     for m, c in zip(moments, calls):
-        parts.append(torch.tensor([float(m.n), float(c)], dtype=torch.float64))
-        parts.extend([m.mean.detach().cpu(), m.m2.detach().cpu()])
-    local = torch.cat(parts).to(device)
+        header += [float(m.n), float(c)]
+    body = [t.detach().to(device, torch.float64) for m in moments for t in (m.mean, m.m2)]
+    local = torch.cat([host_vector(header, device), *body])
     # Every rank must send the same length: a mismatch means different models on different ranks.
     size = torch.tensor([float(local.numel())], dtype=torch.float64, device=device)
     sizes = [torch.zeros_like(size) for _ in range(dist.get_world_size(group))]
     dist.all_gather(sizes, size, group=group)
-    if any(int(s.item()) != local.numel() for s in sizes):
+    if any(int(s) != local.numel() for s in torch.cat(sizes).tolist()):
         raise BnfixError(
             "Ranks hold different BatchNorm layers (statistics of different sizes); every rank "
             "must call recalibrate on the same model with the same `layers`"
@@ -93,17 +96,18 @@ def gather_moments(
     merged = [Moments.empty(m.mean.numel(), m.mean.device) for m in moments]
     total_calls = [0] * len(moments)
     total_counters = [0] * len(counters)
+    width = len(header)
     for vec in gathered:
-        vec = vec.cpu()
-        pos = len(counters)
+        head = vec[:width].tolist()  # one read per rank; the body stays on the device
         for i in range(len(counters)):
-            total_counters[i] += int(vec[i].item())
+            total_counters[i] += int(head[i])
+        pos = width
         for i, m in enumerate(moments):
             c = m.mean.numel()
-            n, k = int(vec[pos].item()), int(vec[pos + 1].item())
-            mean = vec[pos + 2 : pos + 2 + c].to(m.mean.device)
-            m2 = vec[pos + 2 + c : pos + 2 + 2 * c].to(m.mean.device)
-            pos += 2 + 2 * c
+            n, k = int(head[len(counters) + 2 * i]), int(head[len(counters) + 2 * i + 1])
+            mean = vec[pos : pos + c].to(m.mean.device)
+            m2 = vec[pos + c : pos + 2 * c].to(m.mean.device)
+            pos += 2 * c
             merged[i] = merged[i].merge(Moments(n, mean, m2))
             total_calls[i] += k
     return merged, total_calls, total_counters

@@ -14,9 +14,10 @@ class BnfixError(RuntimeError):
 
 
 class BnfixWarning(UserWarning):
-    """A misuse that ``warnings`` should surface once per process (ranks without a process group).
+    """Something the caller can act on, about the setup or about one result.
 
-    Notes about one result (class-sorted batches, unused layers, skipped batches...) are not
-    warnings of this kind: they are listed in ``report.warnings`` and logged on the ``bnfix``
-    logger, so they reach users who never look at the report.
+    A misuse (ranks without a process group) or a note about one result (no BN layer,
+    class-sorted batches, unused layers, ``auto`` out of data, an EMA that kept most of the old
+    statistics...). Notes are also listed in ``report.warnings`` and logged on the ``bnfix`` logger; as warnings
+    they can be filtered (``-W``, ``warnings.filterwarnings``) or asserted (``pytest.warns``).
     """

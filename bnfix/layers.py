@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import logging
 import types
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -26,20 +27,28 @@ __all__ = [
     "SkipBatch",
     "bn_layers",
     "bn_mode",
+    "buffers_agree",
     "check_lazy",
     "dropout_layers",
+    "eager",
     "elements_per_channel",
     "is_dropout",
     "named_modules",
     "select_layers",
     "skipped_norm_layers",
+    "standard_forward",
     "unwrap",
+    "user_model",
 ]
+
+logger = logging.getLogger(__name__)
 
 LayerSelector = Union[None, str, Sequence[str], Callable[[str, nn.Module], bool]]
 
 # Stochastic-regularization modules outside torch.nn, recognised by class name so that bnfix does
 # not need timm or torchvision.ops imported to find them.
+_CHECK_CHANNELS = 8  # channels compared when checking a layer's buffers on its first call
+
 _DROPOUT_CLASS_NAMES = frozenset(
     {"DropPath", "DropBlock", "DropBlock2d", "DropBlock3d", "StochasticDepth", "DropConnect"}
 )
@@ -67,6 +76,45 @@ def unwrap(model: nn.Module) -> nn.Module:
             model = model._orig_mod  # type: ignore[assignment]
         else:
             return model
+
+
+# Wrappers that hold a copy of the user's model in ``.module`` and call it from their forward
+# (torch.optim.swa_utils.AveragedModel, timm's ModelEma*): their own ``training`` flag says nothing
+# about the model inside (timm keeps the EMA wrapper in train mode and ``.module`` in eval mode).
+_AVERAGING_WRAPPERS = frozenset({"AveragedModel", "ModelEma", "ModelEmaV2", "ModelEmaV3"})
+
+
+def user_model(model: nn.Module) -> nn.Module:
+    """The model whose flags mean what the user set: :func:`unwrap`, then through EMA wrappers.
+
+    Names are not taken from it (``layers=`` globs of an ``AveragedModel`` keep their
+    ``module.`` prefix); only questions like "was the model in train mode?" are.
+    """
+    model = unwrap(model)
+    while type(model).__name__ in _AVERAGING_WRAPPERS and isinstance(
+        getattr(model, "module", None), nn.Module
+    ):
+        model = unwrap(model.module)  # type: ignore[arg-type]
+    return model
+
+
+@contextlib.contextmanager
+def eager(model: nn.Module) -> Iterator[None]:
+    """Run ``model`` eagerly inside, even if it was compiled (``torch.compile(m)`` or ``m.compile()``).
+
+    A compiled model would trace bnfix's hooks with dynamo on every pass (graph breaks at host
+    reads, recompilations per layer): correct but 20-600x slower than eager for a pass that runs a
+    few batches once. ``torch.compiler.set_stance("force_eager")`` (torch >= 2.6) runs every
+    compiled frame eagerly without dropping the user's compiled code for later; compiled code
+    is also left alone on exit. ``model`` is only named for the debug log.
+    """
+    if logger.isEnabledFor(logging.DEBUG) and (
+        isinstance(getattr(model, "_orig_mod", None), nn.Module)
+        or any(getattr(m, "_compiled_call_impl", None) is not None for m in model.modules())
+    ):
+        logger.debug("%s is compiled: running bnfix's pass eagerly", type(model).__name__)
+    with torch.compiler.set_stance("force_eager"):
+        yield
 
 
 def named_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -167,7 +215,7 @@ def select_layers(model: nn.Module, layers: LayerSelector) -> Selection:
             "purpose?); they were recalibrated too, exclude them with `layers=` if that is wrong: "
             + ", ".join(eval_names)
         )
-    elif chosen and modes == {False} and model.training:
+    elif chosen and modes == {False} and user_model(model).training:
         notes.append(
             "every selected BatchNorm layer was in eval mode inside a train-mode model (BN frozen "
             "for fine-tuning?); they were recalibrated, pass `layers=` to leave some alone"
@@ -200,6 +248,47 @@ def dropout_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(n, m) for n, m in named_modules(model) if is_dropout(m)]
 
 
+def standard_forward(module: _BatchNorm) -> bool:
+    """Does ``module`` run ``_BatchNorm.forward`` itself (BatchNorm1d/2d/3d, local SyncBatchNorm)?
+
+    That forward stores exactly the batch mean and unbiased batch variance at momentum 1, so its
+    buffers need no check. A subclass with its own forward (timm's ``BatchNormAct2d``, a
+    renormalizing or frozen variant) is checked on its first call instead.
+    """
+    forward = getattr(module, "forward", None)
+    return getattr(forward, "__func__", None) is _BatchNorm.forward
+
+
+def buffers_agree(module: _BatchNorm, x: Tensor) -> Tensor:
+    """A 0-d bool tensor: do the layer's buffers hold the standard update for input ``x``?
+
+    Checked once per layer, on its first call, against ``var_mean`` of some of the input's
+    channels in the input's own precision (the fast path must stay as fast as a plain forward). The
+    tolerances are far looser than the rounding of either computation and far tighter than any
+    real deviation (a different momentum, a different normalization, no update at all). The
+    answer stays on the device: reading it is a host sync, left to the caller.
+    """
+    mean, unbiased_var = module.running_mean, module.running_var
+    assert mean is not None and unbiased_var is not None
+    # A handful of channels spread over the layer is enough to tell a different update rule, at
+    # a fraction of the cost of reducing all of them (CPU reductions are as slow as BN itself).
+    count = min(x.shape[1], _CHECK_CHANNELS)
+    channels = torch.linspace(0, x.shape[1] - 1, count, device=x.device).long()
+    sample = x.detach().index_select(1, channels)
+    dims = [d for d in range(x.dim()) if d != 1]
+    ref_var, ref_mean = torch.var_mean(sample, dim=dims, correction=1)
+    ref_mean, ref_var = ref_mean.to(torch.float64), ref_var.to(torch.float64)
+    channels = channels.to(mean.device)
+    mean, unbiased_var = mean[channels].to(torch.float64), unbiased_var[channels].to(torch.float64)
+    scale = torch.finfo(x.dtype).eps / torch.finfo(torch.float32).eps
+    magnitude = ref_mean.abs()
+    mean_tol = scale * (1e-4 * ref_var.clamp_min(0).sqrt() + 1e-6 * magnitude) + 1e-8
+    var_tol = scale * (1e-3 * ref_var + (1e-5 * magnitude).square()) + 1e-10
+    return ((mean - ref_mean).abs() <= mean_tol).all() & (
+        (unbiased_var - ref_var).abs() <= var_tol
+    ).all()
+
+
 def _local_bn_forward(module: _BatchNorm) -> Callable[[Tensor], Tensor]:
     """A plain BN forward for a SyncBatchNorm: no cross-rank sync (CUDA-only, hangs on uneven data)."""
     return types.MethodType(_BatchNorm.forward, module)
@@ -212,7 +301,6 @@ def bn_mode(
     *,
     dropout: bool = False,
     momentum: float | None = None,
-    restore_buffers: bool = True,
 ) -> Iterator[None]:
     """Run ``model`` with only ``train_bn`` (and optionally dropout) in train mode; restore on exit.
 
@@ -220,8 +308,8 @@ def bn_mode(
     Dropout family). Only the ``training`` flag of the BN modules themselves is set, never their
     children: timm's ``BatchNormAct2d`` can hold a DropBlock that must stay off. SyncBatchNorm runs
     as a local BN. On exit, however it happens (an exception, KeyboardInterrupt), every flag, every
-    BN momentum and forward override is put back, and with ``restore_buffers`` every buffer of the
-    given BN modules is copied back bit for bit (``copy_``, never rebinding, so DDP and
+    BN momentum and forward override is put back, and every buffer of the given BN modules is
+    copied back bit for bit (``copy_``, never rebinding, so DDP and
     ``state_dict`` views stay valid).
 
     Args:
@@ -229,22 +317,17 @@ def bn_mode(
         train_bn: BN modules to run in train mode (batch statistics).
         dropout: also run Dropout-family modules in train mode.
         momentum: if not None, the momentum the train-mode BN modules run with meanwhile.
-        restore_buffers: restore the buffers of ``train_bn`` on exit (set False when the caller
-            writes final values itself and restores only on failure).
     """
     flags = [(m, m.training) for m in model.modules()]
     momenta = [(m, m.momentum) for m in train_bn]
     overrides = [
         (m, m.__dict__.get("forward")) for m in train_bn if isinstance(m, nn.SyncBatchNorm)
     ]
-    saved = (
-        [(b, b.clone()) for m in train_bn for b in m.buffers(recurse=False)]
-        if restore_buffers
-        else []
-    )
+    saved = [(b, b.clone()) for m in train_bn for b in m.buffers(recurse=False)]
     try:
-        for module, _ in flags:
-            module.training = False
+        for module, training in flags:
+            if training:  # Module.__setattr__ is slow: only touch what changes
+                module.training = False
         for module in train_bn:
             module.training = True
             if momentum is not None:
@@ -268,4 +351,5 @@ def bn_mode(
         for bn, bn_momentum in momenta:
             bn.momentum = bn_momentum
         for module, training in flags:
-            module.training = training
+            if module.training != training:
+                module.training = training

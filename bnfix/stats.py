@@ -12,10 +12,13 @@ numbers.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
+from torch.nn.utils.rnn import pad_sequence
 
 __all__ = [
     "Drift",
@@ -23,10 +26,44 @@ __all__ = [
     "RowBuffer",
     "SpreadTracker",
     "drift",
+    "drifts",
     "ema_rows",
+    "host_vector",
     "moments_of",
+    "pool_layers",
     "pool_rows",
+    "read_all",
+    "read_all_rows",
 ]
+
+
+def read_all(values: Sequence[Tensor]) -> list[Any]:
+    """0-d tensors as Python numbers, in one host copy when they share a device."""
+    if len({v.device for v in values}) == 1:
+        return torch.stack([v.to(torch.float64) for v in values]).tolist()
+    return [v.item() for v in values]  # a model spread over devices: one read per device tensor
+
+
+def read_all_rows(rows: Sequence[Tensor]) -> list[list[Any]]:
+    """Equal-length 1-D tensors as lists of Python numbers, one host copy per device."""
+    by_device: dict[torch.device, list[int]] = {}
+    for i, row in enumerate(rows):
+        by_device.setdefault(row.device, []).append(i)
+    out: list[list[Any]] = [[] for _ in rows]
+    for indices in by_device.values():
+        for i, values in zip(indices, torch.stack([rows[i] for i in indices]).tolist()):
+            out[i] = values
+    return out
+
+
+def host_vector(values: Sequence[float], device: torch.device) -> Tensor:
+    """A float64 tensor of host numbers on ``device`` without a host sync.
+
+    ``torch.tensor(values, device="cuda")`` copies blocking (a synchronizing call);
+    a non-blocking copy from a fresh CPU tensor is staged by the driver and returns at once.
+    """
+    out = torch.tensor(values, dtype=torch.float64)
+    return out if device.type == "cpu" else out.to(device, non_blocking=True)
 
 
 @dataclass(frozen=True)
@@ -103,12 +140,51 @@ def pool_rows(ns: list[int], means: Tensor, unbiased_vars: Tensor) -> Moments:
     """
     if not ns:
         raise ValueError("Expected at least one row to pool, but got none")
-    n = torch.tensor(ns, dtype=torch.float64, device=means.device)[:, None]
     means64, vars64 = means.to(torch.float64), unbiased_vars.to(torch.float64)
     total = int(sum(ns))
+    if all(k == ns[0] for k in ns):  # equal groups (the usual case): host scalars, no copy
+        mean = means64.mean(dim=0)
+        spread = (means64 - mean).square().sum(dim=0)  # (torch.var_mean over dim 0 is slow)
+        m2 = vars64.sum(dim=0).mul_(ns[0] - 1).add_(spread, alpha=ns[0])
+        return Moments(total, mean, m2)
+    n = host_vector(ns, means.device)[:, None]
     mean = (n * means64).sum(dim=0) / total
     m2 = ((n - 1) * vars64).sum(dim=0) + (n * (means64 - mean).square()).sum(dim=0)
     return Moments(total, mean, m2)
+
+
+def pool_layers(
+    rows: Tensor, ns: Sequence[int], channels: Sequence[int]
+) -> tuple[list[Tensor], list[Tensor]]:
+    """:func:`pool_rows` of many layers at once, each with ``k`` rows of equal counts.
+
+    ``rows`` is ``(k, 2 * sum(channels))``: per call, every layer's means then its variances,
+    layer after layer; layer ``l`` saw ``ns[l]`` elements per channel on every call. Column sums
+    over the rows give every channel's mean of the means, their spread and the sum of the
+    variances at once, so the cost no longer grows by a handful of kernels per layer.
+
+    Returns:
+        Per layer, the pooled mean and ``M2`` (views into two flat tensors).
+    """
+    k, device = rows.shape[0], rows.device
+    total = rows.sum(dim=0)  # sums, not torch.var_mean: its reduction over dim 0 is slow on CPU
+    sizes = torch.tensor(list(channels))
+    # Channel g of the concatenated layers, in layer l with c_l channels before it, has its mean
+    # at g + c_l (the variances of the layers before it come first) and its variance at
+    # g + c_l + (its layer's width).
+    first = torch.arange(int(sizes.sum())) + torch.repeat_interleave(
+        torch.cumsum(sizes, 0) - sizes, sizes
+    )
+    means_at = first.to(device, non_blocking=True)
+    vars_at = (first + torch.repeat_interleave(sizes, sizes)).to(device, non_blocking=True)
+    n = torch.repeat_interleave(torch.tensor(list(ns), dtype=torch.float64), sizes)
+    n = n.to(device, non_blocking=True)
+    mean = total.index_select(0, means_at) / k
+    # sum over calls of (mean_i - pooled mean)^2, on the mean columns only
+    spread = (rows.index_select(1, means_at) - mean).square().sum(dim=0)
+    m2 = total.index_select(0, vars_at) * (n - 1) + spread * n
+    split = [int(c) for c in channels]
+    return list(mean.split(split)), list(m2.split(split))
 
 
 def ema_rows(
@@ -132,33 +208,31 @@ def ema_rows(
 class RowBuffer:
     """Per-call (n, batch mean, unbiased batch variance) rows, folded in chunks.
 
-    Copying two buffers into a preallocated float64 row is all the per-batch work a layer costs;
-    the merge runs once per chunk, vectorized. On a GPU this keeps the pass free of syncs and of
-    dozens of tiny kernels per layer per batch. Rows of a batch that is later abandoned (skipped)
-    are rolled back; only committed rows are folded.
+    One ``torch.cat`` of a layer's two buffers (one small kernel, in the buffers' own dtype) is
+    all the per-batch work a layer costs; the rows become float64 and are merged once per chunk,
+    vectorized. The counts stay on the host (they are known from shapes), so on a GPU the pass has
+    no syncs and no tiny merge kernels per layer per batch. Rows of a batch that is later
+    abandoned (skipped) are rolled back; only committed rows are folded.
     """
 
     def __init__(self, channels: int, device: torch.device, capacity: int = 64) -> None:
         self.capacity = capacity
-        self.means = torch.empty(capacity, channels, dtype=torch.float64, device=device)
-        self.vars = torch.empty_like(self.means)
+        self.channels = channels
+        self.device = device  # where the float64 rows are merged
+        self._rows: list[Tensor] = []  # (2C,): mean and unbiased variance of one call
         self.ns: list[int] = []
         self.tags: list[int] = []
         self.committed = 0
 
     def push(self, n: int, mean: Tensor, unbiased_var: Tensor) -> None:
-        """Record one call's statistics (pending until :meth:`commit`)."""
-        i = len(self.ns)
-        if i == self.means.shape[0]:  # one forward called the layer more often than capacity
-            self.means = torch.cat([self.means, torch.empty_like(self.means)])
-            self.vars = torch.cat([self.vars, torch.empty_like(self.vars)])
-        self.means[i].copy_(mean.detach())
-        self.vars[i].copy_(unbiased_var.detach())
+        """Record one call's statistics (pending until :meth:`commit`); no autograd (buffers)."""
+        self._rows.append(torch.cat((mean, unbiased_var)))
         self.ns.append(n)
 
     def rollback(self) -> None:
         """Forget the rows pushed since the last commit."""
         del self.ns[self.committed :]
+        del self._rows[self.committed :]
 
     def commit(self, tag: int) -> None:
         """Keep the pending rows, labelled with ``tag`` (the batch index)."""
@@ -171,12 +245,21 @@ class RowBuffer:
         return self.committed >= self.capacity
 
     def take(self) -> tuple[list[int], Tensor, Tensor, list[int]]:
-        """The committed rows (views, valid until the next push) and their tags; then empty."""
-        k = self.committed
-        if len(self.ns) != k:
+        """The committed rows as float64 ``(k, C)`` means and variances, and their tags; then empty."""
+        ns, rows, tags = self.take_raw()
+        if rows:
+            stacked = torch.stack(rows).to(self.device, torch.float64)
+        else:
+            stacked = torch.empty(0, 2 * self.channels, dtype=torch.float64, device=self.device)
+        c = self.channels
+        return ns, stacked[:, :c], stacked[:, c:], tags
+
+    def take_raw(self) -> tuple[list[int], list[Tensor], list[int]]:
+        """The committed counts, ``(2C,)`` rows as pushed, and tags; then empty."""
+        if len(self.ns) != self.committed:
             raise RuntimeError("RowBuffer.take() with uncommitted rows; commit or roll back first")
-        out = (self.ns[:k], self.means[:k], self.vars[:k], self.tags[:k])
-        self.ns, self.tags, self.committed = [], [], 0
+        out = (self.ns, self._rows, self.tags)
+        self._rows, self.ns, self.tags, self.committed = [], [], [], 0
         return out
 
 
@@ -215,14 +298,22 @@ class SpreadTracker:
         a shift that is tiny against ``sqrt(var + eps)`` cannot change the layer's output.
         Returns ``inf`` until two batches have been seen.
         """
+        worst = self.worst_error(pooled, eps)
+        return math.inf if worst is None else float(worst)
+
+    def worst_error(self, pooled: Moments, eps: float) -> Optional[Tensor]:
+        """:meth:`relative_standard_error` as a 0-d tensor left on the device (None: infinite).
+
+        The caller takes the maximum over layers first, so a pass reads one number per batch.
+        """
         if self.k < 2 or self._means is None or self._vars is None or pooled.n < 2:
-            return math.inf
+            return None
         var = pooled.var()
         se_mean = (self._means.var() / self.k).sqrt()
         se_var = (self._vars.var() / self.k).sqrt()
         rel_mean = se_mean / (var + eps).sqrt()
         rel_var = se_var / (var + eps)
-        return float(torch.maximum(rel_mean, rel_var).max())
+        return torch.maximum(rel_mean, rel_var).max()
 
 
 @dataclass(frozen=True)
@@ -278,3 +369,50 @@ def drift(
     shift = (new_mean - old_mean).abs() / (new_var + eps).sqrt()
     logvar = ((new_var + eps) / (old_var + eps)).log().abs()
     return Drift(float(shift.mean()), float(shift.max()), float(logvar.mean()), float(logvar.max()))
+
+
+def drifts(
+    old_means: Sequence[Tensor],
+    old_vars: Sequence[Tensor],
+    new_means: Sequence[Tensor],
+    new_vars: Sequence[Tensor],
+    eps: Sequence[float],
+) -> list[tuple[bool, Drift]]:
+    """:func:`drift` of many layers at once, with whether each layer's new statistics are finite.
+
+    Every layer's channels are padded with zeros into one ``(layers, max channels)`` matrix
+    (a zero-padded channel has zero shift and zero log ratio, and both are non-negative, so the
+    padding changes neither sums nor maxima); the whole answer reaches the host in one copy, so
+    the cost does not grow with a sync per layer.
+
+    Returns:
+        Per layer ``(finite, Drift)``.
+    """
+    if not new_means:
+        return []
+    device = new_means[0].device
+
+    def padded(values: Sequence[Tensor]) -> Tensor:
+        if len({(v.dtype, v.device) for v in values}) == 1:  # pad first: one conversion, not L
+            return pad_sequence(list(values), batch_first=True).to(device, torch.float64)
+        moved = [v.detach().to(device, torch.float64) for v in values]
+        return pad_sequence(moved, batch_first=True)
+
+    old_mean, old_var = padded(old_means), padded(old_vars)
+    new_mean, new_var = padded(new_means), padded(new_vars)
+    eps_col = host_vector(list(eps), device)[:, None]
+    channels = host_vector([float(m.numel()) for m in new_means], device)
+    finite = (new_mean.isfinite() & new_var.isfinite()).all(dim=1)
+    shift = (new_mean - old_mean).abs() / (new_var + eps_col).sqrt()
+    logvar = ((new_var + eps_col) / (old_var + eps_col)).log().abs()
+    table = torch.stack(
+        [
+            finite.to(torch.float64),
+            shift.sum(dim=1) / channels,
+            shift.amax(dim=1),
+            logvar.sum(dim=1) / channels,
+            logvar.amax(dim=1),
+        ],
+        dim=1,
+    ).tolist()  # the one host copy
+    return [(bool(row[0]), Drift(row[1], row[2], row[3], row[4])) for row in table]

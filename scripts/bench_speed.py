@@ -1,37 +1,42 @@
-"""Speed and peak memory of BN recalibration: bnfix vs the plain forward vs its peers.
+"""Speed of BN recalibration: the fixed cost per call and the cost per layer and batch.
 
 The physical limit of any recalibration is one ``torch.no_grad()`` forward with BN on batch
-statistics over the same batches. This script times that ("plain"), the same with no-op hooks on
-every BN layer ("hooks": the floor of any hook-based method), ``bnfix.recalibrate``,
-``torch.optim.swa_utils.update_bn`` and fvcore's ``update_bn_stats`` (if fvcore is installed),
-interleaved round by round so that machine noise hits all methods alike, and reports the median
-ratio to "plain" with its spread (min-max over rounds). Memory: the extra peak a method needs over
-what model and data already hold, measured in one fresh subprocess per method (CPU: peak resident
-size via /proc, Linux only; CUDA: ``torch.cuda.max_memory_allocated``).
+statistics over the same batches ("plain"). What a method adds splits into a fixed cost per call
+(setup, the final merge and write) and a cost per BN layer per batch (hooks, copies). Each method
+runs over 20 and over 40 batches, interleaved round by round with the others (so machine noise
+hits all alike); per round, ``per batch = (t40 - t20) / 20`` and ``fixed = t20 - 20 * per batch``,
+and the table gives the median over rounds of each method's excess over "plain", with the
+per-batch excess divided by the number of BN layers. "hook" is the plain forward with one no-op
+forward hook per BN layer (the floor of a one-hook method), "2 hooks" with a no-op pre-hook too.
+
+Small batches keep the forward cheap, so that the per-layer costs stand out of the noise.
 
 Usage:
-    python scripts/bench_speed.py                 # resnet18, mobilenet_v3_small, mlp; 9 rounds
-    python scripts/bench_speed.py --quick         # fewer rounds/batches, for a smoke check
-    python scripts/bench_speed.py --device cuda   # on a GPU
+    python scripts/bench_speed.py --threads 1 --clock cpu            # CPU table (21 rounds)
+    python scripts/bench_speed.py --quick                            # smoke check
+    python scripts/bench_speed.py --micro --threads 1                # per-call hook price, 1 layer
+    python scripts/bench_speed.py --device cuda                      # CUDA table, syncs per call
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import subprocess
-import sys
 import time
+import warnings
 from typing import Callable
 
+import _bench  # noqa: F401  (puts this checkout's bnfix first on the path)
 import torch
 import torchvision
 from torch import nn
 
 import bnfix
+from bnfix.errors import BnfixWarning
 
-METHODS = ("plain", "hooks", "bnfix", "update_bn", "fvcore")
+warnings.simplefilter("ignore", BnfixWarning)
+SHORT, LONG = 20, 40
+Runner = Callable[[nn.Module, list[torch.Tensor]], None]
 
 
 def build(name: str) -> nn.Module:
@@ -50,30 +55,32 @@ def make_batches(name: str, count: int, batch: int, size: int, device: str) -> l
     return [torch.randn(shape, generator=g).to(device) for _ in range(count)]
 
 
+def bns(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
 def plain(model: nn.Module, batches: list[torch.Tensor]) -> None:
     model.eval()
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.train()
+    for m in bns(model):
+        m.train()
     with torch.no_grad():
         for x in batches:
             model(x)
 
 
-def plain_with_hooks(model: nn.Module, batches: list[torch.Tensor]) -> None:
-    """The plain forward with a no-op pre-hook and forward hook on every BN layer.
+def _with_hooks(pre: bool) -> Runner:
+    def run(model: nn.Module, batches: list[torch.Tensor]) -> None:
+        layers = bns(model)
+        handles = [m.register_forward_hook(lambda module, args, out: None) for m in layers]
+        if pre:
+            handles += [m.register_forward_pre_hook(lambda module, args: None) for m in layers]
+        try:
+            plain(model, batches)
+        finally:
+            for handle in handles:
+                handle.remove()
 
-    Isolates what PyTorch's hook dispatch costs: bnfix (like fvcore's PreciseBN) reads each
-    layer's statistics through such hooks, so this is the floor for any hook-based method.
-    """
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    handles = [m.register_forward_pre_hook(lambda module, args: None) for m in bns]
-    handles += [m.register_forward_hook(lambda module, args, out: None) for m in bns]
-    try:
-        plain(model, batches)
-    finally:
-        for handle in handles:
-            handle.remove()
+    return run
 
 
 def run_bnfix(model: nn.Module, batches: list[torch.Tensor]) -> None:
@@ -84,30 +91,13 @@ def run_update_bn(model: nn.Module, batches: list[torch.Tensor]) -> None:
     torch.optim.swa_utils.update_bn(batches, model)
 
 
-def run_fvcore(model: nn.Module, batches: list[torch.Tensor]) -> None:
-    from fvcore.nn.precise_bn import update_bn_stats
-
-    model.train()  # fvcore only touches BN layers that are in training mode
-    update_bn_stats(model, batches, num_iters=len(batches))
-
-
-RUNNERS: dict[str, Callable[[nn.Module, list[torch.Tensor]], None]] = {
+RUNNERS: dict[str, Runner] = {
     "plain": plain,
-    "hooks": plain_with_hooks,
+    "hook": _with_hooks(pre=False),
+    "2 hooks": _with_hooks(pre=True),
     "bnfix": run_bnfix,
     "update_bn": run_update_bn,
-    "fvcore": run_fvcore,
 }
-
-
-def available(method: str) -> bool:
-    if method != "fvcore":
-        return True
-    try:
-        import fvcore.nn.precise_bn  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def sync(device: str) -> None:
@@ -115,126 +105,208 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_methods(args: argparse.Namespace, name: str, methods: list[str]) -> dict[str, list[float]]:
+def rounds(args: argparse.Namespace, name: str) -> tuple[dict[str, list[tuple[float, float]]], int]:
+    """Per method, per round: (fixed seconds, seconds per batch) from the 20- and 40-batch runs."""
     model = build(name).to(args.device)
-    batches = make_batches(name, args.batches, args.batch_size, args.image_size, args.device)
-    for method in methods:  # warm-up (allocator, kernels, lazy imports)
+    batches = make_batches(name, LONG, args.batch_size, args.image_size, args.device)
+    methods = list(RUNNERS)
+    for method in methods:  # warm-up: allocator, kernels, lazy imports
         RUNNERS[method](model, batches[:2])
-    times: dict[str, list[float]] = {m: [] for m in methods}
     now = time.process_time if args.clock == "cpu" else time.perf_counter
+    fits: dict[str, list[tuple[float, float]]] = {m: [] for m in methods}
     for r in range(args.rounds):
         order = methods[r % len(methods) :] + methods[: r % len(methods)]  # rotate the order
         for method in order:
-            sync(args.device)
-            start = now()
-            RUNNERS[method](model, batches)
-            sync(args.device)
-            times[method].append(now() - start)
-    return times
+            took = {}
+            for count in (SHORT, LONG) if r % 2 else (LONG, SHORT):
+                sync(args.device)
+                start = now()
+                RUNNERS[method](model, batches[:count])
+                sync(args.device)
+                took[count] = now() - start
+            per_batch = (took[LONG] - took[SHORT]) / (LONG - SHORT)
+            fits[method].append((took[SHORT] - SHORT * per_batch, per_batch))
+    return fits, len(bns(model))
 
 
-def _rss_mib(field: str) -> float:
-    """A field of /proc/self/status (VmRSS: resident now, VmHWM: peak since the last reset)."""
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
+def excess(
+    fits: dict[str, list[tuple[float, float]]], method: str, base: str
+) -> tuple[float, float]:
+    """Median over rounds of (fixed, per batch) of ``method`` minus ``base``, paired by round."""
+    fixed = [a[0] - b[0] for a, b in zip(fits[method], fits[base])]
+    per_batch = [a[1] - b[1] for a, b in zip(fits[method], fits[base])]
+    return statistics.median(fixed), statistics.median(per_batch)
 
 
-def child_memory(args: argparse.Namespace) -> None:
-    """Run one method once in this fresh process; print the extra memory its run needed (MiB).
+def syncs_per_call(args: argparse.Namespace, name: str) -> int:
+    """Synchronizing CUDA calls in one recalibrate call (CUDA's own detector, after a warm-up)."""
+    model = build(name).to(args.device)
+    batches = make_batches(name, 6, args.batch_size, args.image_size, args.device)
+    bnfix.recalibrate(model, batches)
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            bnfix.recalibrate(model, batches)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
 
-    CPU: the peak resident size during the run minus the resident size just before it (the peak
-    is reset through /proc/self/clear_refs, so importing torch and building the data do not
-    count). CUDA: the peak of allocated memory minus what was allocated before.
+
+def _per_call(step: Callable[[], None], calls: int, repeats: int) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.process_time()
+        for _ in range(calls):
+            step()
+        best = min(best, (time.process_time() - start) / calls)
+    return best * 1e6
+
+
+def _micro_row(bn: nn.Module, x: torch.Tensor, calls: int, repeats: int) -> list[float]:
+    from bnfix.collect import Collector, batch_stats
+
+    bn.train()
+    row = [_per_call(lambda: bn(x), calls, repeats)]
+    for pre in (False, True):
+        handles = [bn.register_forward_hook(lambda module, args, out: None)]
+        if pre:
+            handles.append(bn.register_forward_pre_hook(lambda module, args: None))
+        row.append(_per_call(lambda: bn(x), calls, repeats))
+        for handle in handles:
+            handle.remove()
+    collector = Collector([("bn", bn)])  # type: ignore[list-item]
+    rows = collector.states[0].rows
+    assert rows is not None
+
+    def collected() -> None:
+        bn(x)
+        rows.ns.clear()  # stay on the first row: no chunk folds in this measurement
+
+    with batch_stats(bn, [bn], dropout=False), collector.hooks():  # type: ignore[list-item]
+        row.append(_per_call(collected, calls, repeats))
+    return row
+
+
+def micro_table(calls: int = 20000, repeats: int = 7) -> None:
+    """One BN layer called ``calls`` times: the exact per-call price of each kind of hook.
+
+    No model and no fit: the least noisy view of the per layer-batch cost (minimum over
+    ``repeats`` of the mean CPU time per call).
     """
-    model = build(args.model).to(args.device)
-    batches = make_batches(args.model, args.batches, args.batch_size, args.image_size, args.device)
-    RUNNERS[args.child](model, batches[:2])  # one-time costs: lazy imports, allocator pools
-    if args.device.startswith("cuda"):
-        torch.cuda.synchronize()
-        before = torch.cuda.memory_allocated() / 2**20
-        torch.cuda.reset_peak_memory_stats()
-        RUNNERS[args.child](model, batches)
-        torch.cuda.synchronize()
-        extra = torch.cuda.max_memory_allocated() / 2**20 - before
-    else:
-        before = _rss_mib("VmRSS")
-        with open("/proc/self/clear_refs", "w") as refs:
-            refs.write("5")  # reset VmHWM (the peak resident size) to the current size
-        RUNNERS[args.child](model, batches)
-        extra = _rss_mib("VmHWM") - before
-    print(json.dumps({"extra_mib": extra}))
+    print("| layer | input | plain µs/call | + no-op hook | + 2 no-op hooks | + bnfix's hooks |")
+    print("|---|---|---|---|---|---|")
+    layers = ((nn.BatchNorm2d(64), (2, 64, 8, 8)), (nn.BatchNorm1d(512), (4, 512)))
+    with torch.no_grad():
+        for bn, shape in layers:
+            row = _micro_row(bn, torch.randn(shape), calls, repeats)
+            cells = " | ".join(f"{v:.1f}" for v in row)
+            print(f"| {type(bn).__name__}({bn.num_features}) | {shape} | {cells} |", flush=True)
 
 
-def memory(args: argparse.Namespace, name: str, method: str) -> float:
-    cmd = [
-        sys.executable, __file__, "--child", method, "--model", name, "--device", args.device,
-        "--batches", str(args.batches), "--batch-size", str(args.batch_size),
-        "--image-size", str(args.image_size), "--threads", str(args.threads),
-    ]  # fmt: skip
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-    return float(json.loads(out.strip().splitlines()[-1])["extra_mib"])
+def one_batch_table(calls: int = 40, repeats: int = 5) -> None:
+    """``recalibrate`` on resnet18 with one batch against the plain forward: the fixed cost.
+
+    One batch of 2x3x32x32, best of ``repeats`` x ``calls`` calls; the difference is the fixed
+    cost per call plus one batch's per-layer work (the first call of every layer included).
+    """
+    model = build("resnet18")
+    batches = make_batches("resnet18", 1, 2, 32, "cpu")
+    for runner in (plain, run_bnfix):
+        runner(model, batches)
+    best = {}
+    for name, runner in (("plain", plain), ("bnfix", run_bnfix)):
+        best[name] = min(
+            _per_call(lambda runner=runner: runner(model, batches), calls, 1)  # type: ignore[misc]
+            for _ in range(repeats)
+        )
+    print("\n| model | batch | plain ms | bnfix ms | bnfix - plain ms |\n|---|---|---|---|---|")
+    plain_ms, bnfix_ms = best["plain"] / 1e3, best["bnfix"] / 1e3
+    print(
+        f"| resnet18 | 1 x 2x3x32x32 | {plain_ms:.2f} | {bnfix_ms:.2f} | {bnfix_ms - plain_ms:.2f} |"
+    )
+
+
+def cpu_table(args: argparse.Namespace) -> None:
+    print("| model | BN layers | plain ms/batch | method | fixed ms (vs plain) "
+          "| µs per layer-batch (vs plain) | µs per layer-batch (vs hook) |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|")
+    for name in args.models.split(","):
+        fits, layers = rounds(args, name)
+        base = statistics.median(p for _, p in fits["plain"]) * 1e3
+        for method in RUNNERS:
+            if method == "plain":
+                continue
+            fixed, per_batch = excess(fits, method, "plain")
+            _, over_hook = excess(fits, method, "hook")
+            print(
+                f"| {name} | {layers} | {base:.2f} | {method} | {fixed * 1e3:.2f} | "
+                f"{per_batch / layers * 1e6:.1f} | {over_hook / layers * 1e6:.1f} |",
+                flush=True,
+            )
+
+
+def cuda_table(args: argparse.Namespace) -> None:
+    print("| model | batch | plain ms/batch | bnfix ms/batch | update_bn ms/batch | bnfix fixed ms "
+          "| bnfix per-batch excess ms | syncs per call |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|")
+    for name in args.models.split(","):
+        fits, _ = rounds(args, name)
+
+        def per_batch(method: str, fits: dict[str, list[tuple[float, float]]] = fits) -> float:
+            return statistics.median(p for _, p in fits[method]) * 1e3
+
+        fixed, extra = excess(fits, "bnfix", "plain")
+        print(
+            f"| {name} | {args.batch_size}x{args.image_size}² | {per_batch('plain'):.2f} | "
+            f"{per_batch('bnfix'):.2f} | {per_batch('update_bn'):.2f} | {fixed * 1e3:.2f} | "
+            f"{extra * 1e3:.3f} | {syncs_per_call(args, name)} |",
+            flush=True,
+        )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--models", default="resnet18,mobilenet_v3_small,mlp")
-    parser.add_argument("--rounds", type=int, default=9)
-    parser.add_argument("--batches", type=int, default=20)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--image-size", type=int, default=112)
+    parser.add_argument("--models", default=None)
+    parser.add_argument("--rounds", type=int, default=21)
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--image-size", type=int, default=None)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument(
         "--clock",
         choices=("wall", "cpu"),
         default="wall",
         help="wall time, or this process's CPU time (steadier on a shared, noisy machine)",
     )
-    parser.add_argument("--quick", action="store_true", help="3 rounds of 5 batches")
-    parser.add_argument("--no-memory", action="store_true")
-    parser.add_argument("--child", choices=METHODS, help=argparse.SUPPRESS)
-    parser.add_argument("--model", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    if args.child:
-        child_memory(args)
-        return
-    if args.quick:
-        args.rounds, args.batches = 3, 5
-    methods = [m for m in METHODS if available(m)]
-    print(f"torch {torch.__version__}, device {args.device}, {args.threads} threads, "
-          f"{args.rounds} rounds x {args.batches} batches of {args.batch_size}"
-          + ("" if args.models == "mlp" else f"x3x{args.image_size}x{args.image_size}"))  # fmt: skip
-    if "fvcore" not in methods:
-        print("fvcore is not installed: its column is skipped (pip install fvcore)")
-    clock = "CPU s" if args.clock == "cpu" else "s"
-    header = (
-        f"| model | method | median time / plain | spread (min-max) | median {clock} "
-        "| extra peak memory |"
+    parser.add_argument("--quick", action="store_true", help="3 rounds, for a smoke check")
+    parser.add_argument(
+        "--micro",
+        action="store_true",
+        help="only the per-call price of the hooks on one layer and the one-batch fixed cost",
     )
-    print(header)
-    print("|---|---|---|---|---|---|")
-    for name in args.models.split(","):
-        times = time_methods(args, name, methods)
-        base_mem = None if args.no_memory else memory(args, name, "plain")
-        for method in methods:
-            ratios = [t / p for t, p in zip(times[method], times["plain"])]
-            if base_mem is None:
-                mem = ""
-            elif method == "plain":
-                mem = f"{base_mem:.0f} MiB"
-            else:
-                mem = f"{memory(args, name, method):.0f} MiB"
-            print(
-                f"| {name} | {method} | {statistics.median(ratios):.3f} | "
-                f"{min(ratios):.3f}-{max(ratios):.3f} | {statistics.median(times[method]):.3f} | {mem} |",
-                flush=True,
-            )
+    args = parser.parse_args()
+    cuda = args.device.startswith("cuda")
+    args.models = args.models or ("resnet50,resnet18,mobilenet_v3_small" if cuda else
+                                  "resnet18,mobilenet_v3_small,mlp")  # fmt: skip
+    args.batch_size = args.batch_size or (64 if cuda else 2)
+    args.image_size = args.image_size or (224 if cuda else 32)
+    if args.quick:
+        args.rounds = 3
+    torch.set_num_threads(args.threads)
+    if args.micro:
+        micro_table()
+        one_batch_table()
+        return
+    print(
+        f"torch {torch.__version__}, device {args.device}, {args.threads} thread(s), "
+        f"{args.clock} clock, {args.rounds} rounds of {SHORT} and {LONG} batches of "
+        f"{args.batch_size}x3x{args.image_size}x{args.image_size} (MLP {args.batch_size}x256)"
+    )
+    (cuda_table if cuda else cpu_table)(args)
 
 
 if __name__ == "__main__":

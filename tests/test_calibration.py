@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -19,6 +20,7 @@ from conftest import (
     captured_bn_inputs,
     hooks_left,
     make_convnet,
+    make_images,
     pooled,
     randomize_bn,
     ref_moments,
@@ -30,6 +32,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 import bnfix
 from bnfix import BnfixError
+from bnfix.errors import BnfixWarning
 
 # ----------------------------------------------------------------------------------------------
 # exact pooled statistics
@@ -209,7 +212,11 @@ def test_layer_momentum_uses_each_layers_own(images: Tensor) -> None:
     with torch.no_grad():
         for x in batches:
             twin(x)
-    report = bnfix.recalibrate(model, batches, momentum="layer")
+    with pytest.warns(BnfixWarning) as caught:
+        report = bnfix.recalibrate(model, batches, momentum="layer")
+    notes = [str(w.message) for w in caught]
+    assert "bn1 has momentum=0.0; used 0.1 for its EMA update" in notes
+    assert "bn2 has momentum=None; used 0.1 for its EMA update" in notes
     _assert_buffers_close(model, twin)
     assert [lr.momentum for lr in report.layers] == [0.5, 0.1, 0.1, 0.05]
     assert (model.bn0.momentum, model.bn1.momentum, model.bn2.momentum) == (0.5, 0.0, None)
@@ -244,6 +251,7 @@ class Mixed(nn.Module):
         return self.drop(self.net(x)) + self.other
 
 
+@pytest.mark.filterwarnings("ignore::bnfix.errors.BnfixWarning")
 def test_nothing_else_changes_and_buffers_are_written_in_place(images: Tensor) -> None:
     model = Mixed().train()
     model.net.bn2.eval()
@@ -540,6 +548,7 @@ class Branchy(nn.Module):
         return self.stateless(a).mean() + b.mean()
 
 
+@pytest.mark.filterwarnings("ignore::bnfix.errors.BnfixWarning")
 def test_unused_layer_kept_and_shared_layer_pools_both_calls(images: Tensor) -> None:
     torch.manual_seed(0)
     model = randomize_bn(Branchy())
@@ -570,7 +579,8 @@ def test_batch_of_one_skipped_entirely(images: Tensor) -> None:
     model = make_convnet()
     used = [batches[0], batches[2], batches[4]]
     seen = captured_bn_inputs(model, used)
-    report = bnfix.recalibrate(model, batches)
+    with pytest.warns(BnfixWarning, match=r"skipped 2 batch\(es\)"):
+        report = bnfix.recalibrate(model, batches)
     for name in ("bn0", "bn1", "bn2", "bn3"):
         assert_close_stats(getattr(model, name), *pooled(seen[name]))
         assert int(getattr(model, name).num_batches_tracked) == 3
@@ -578,6 +588,7 @@ def test_batch_of_one_skipped_entirely(images: Tensor) -> None:
     assert any("skipped 2 batch(es)" in w for w in report.warnings)
 
 
+@pytest.mark.filterwarnings("ignore::bnfix.errors.BnfixWarning")
 def test_batch_of_one_with_1x1_spatial(images: Tensor) -> None:
     data = images[:, :, :1, :1].contiguous()
     model = nn.Sequential(nn.BatchNorm2d(3))
@@ -588,17 +599,6 @@ def test_batch_of_one_with_1x1_spatial(images: Tensor) -> None:
     with pytest.raises(BnfixError, match=r"all 2 batch\(es\) were skipped"):
         bnfix.recalibrate(model, [data[:1], data[1:2]])
     assert_unchanged(model, snap)
-
-
-def test_class_sorted_loader_warns(images: Tensor) -> None:
-    sorted_loader = [
-        (x, torch.full((x.shape[0],), i % 3)) for i, x in enumerate(split(images, SPLIT))
-    ]
-    report = bnfix.recalibrate(make_convnet(), sorted_loader)
-    assert any("class-sorted" in w for w in report.warnings)
-    shuffled = [(x, torch.arange(x.shape[0]) % 3) for x in split(images, SPLIT)]
-    report = bnfix.recalibrate(make_convnet(), shuffled)
-    assert not any("class-sorted" in w for w in report.warnings)
 
 
 def test_momentum_zero_and_none_layers_recalibrated(images: Tensor) -> None:
@@ -615,7 +615,10 @@ def test_momentum_zero_and_none_layers_recalibrated(images: Tensor) -> None:
 def test_model_without_bn(images: Tensor, caplog: pytest.LogCaptureFixture) -> None:
     model = nn.Sequential(nn.Flatten(), nn.Linear(192, 2), nn.LayerNorm(2))
     snap = snapshot(model)
-    with caplog.at_level(logging.WARNING, logger="bnfix"):
+    with (
+        caplog.at_level(logging.WARNING, logger="bnfix"),
+        pytest.warns(BnfixWarning, match="no Ba"),
+    ):
         report = bnfix.recalibrate(model, split(images, SPLIT))
     assert report.layers == () and report.batches == 0
     assert any("no BatchNorm" in w for w in report.warnings)
@@ -730,12 +733,14 @@ def test_auto_stops_once_the_standard_error_is_small(images: Tensor) -> None:
     assert 5 <= report.batches < 16
     assert report.relative_standard_error is not None and report.relative_standard_error <= 0.5
     assert_close_stats(model.bn0, *ref_moments(images[: 8 * report.batches]))
-    strict = bnfix.recalibrate(make_convnet(), batches, num_batches="auto", tol=1e-6)
+    with pytest.warns(BnfixWarning, match="ran out of data"):
+        strict = bnfix.recalibrate(make_convnet(), batches, num_batches="auto", tol=1e-6)
     assert strict.batches == 16 and strict.relative_standard_error > 1e-6
     assert "relative standard error of the estimates" in str(strict)
     assert any("ran out of data" in w for w in strict.warnings)
 
 
+@pytest.mark.filterwarnings("ignore::bnfix.errors.BnfixWarning")
 def test_auto_with_only_unused_layers_runs_to_the_end(images: Tensor) -> None:
     class Bypass(nn.Module):
         def __init__(self) -> None:
@@ -824,31 +829,32 @@ def test_layers_after_a_renorm_like_subclass(images: Tensor) -> None:
     assert_close_stats(model[2], *pooled(seen["2"]))
 
 
-def test_sorted_loader_with_straddling_batches_still_warns(images: Tensor) -> None:
-    """3 classes of 40 in batches of 16: two batches straddle classes, the rest are pure."""
+def test_class_sorted_loader_warns(images: Tensor) -> None:
+    """Pure batches, then 3 classes of 40 in batches of 16 (two batches straddle two classes)."""
+    pure = [(x, torch.full((x.shape[0],), i % 3)) for i, x in enumerate(split(images, SPLIT))]
+    with pytest.warns(BnfixWarning, match="class-sorted"):
+        report = bnfix.recalibrate(make_convnet(), pure)
+    assert any("class-sorted" in w for w in report.warnings)
     labels = torch.arange(3).repeat_interleave(40)
     data = images[:120]
     batches = [(data[i : i + 16], labels[i : i + 16]) for i in range(0, 120, 16)]
-    report = bnfix.recalibrate(make_convnet(), batches)
+    with pytest.warns(BnfixWarning, match="class-sorted"):
+        report = bnfix.recalibrate(make_convnet(), batches)
     assert any("class-sorted" in w for w in report.warnings)
+    shuffled_pure = [(x, torch.arange(x.shape[0]) % 3) for x in split(images, SPLIT)]
+    assert not any(
+        "class-sorted" in w for w in bnfix.recalibrate(make_convnet(), shuffled_pure).warnings
+    )
     shuffled = labels[torch.randperm(120, generator=torch.Generator().manual_seed(0))]
     mixed = [(data[i : i + 16], shuffled[i : i + 16]) for i in range(0, 120, 16)]
     assert not any("class-sorted" in w for w in bnfix.recalibrate(make_convnet(), mixed).warnings)
 
 
-def test_auto_that_runs_out_of_data_says_so(images: Tensor) -> None:
-    report = bnfix.recalibrate(
-        make_convnet(), split(images, (16,) * 8), num_batches="auto", tol=1e-6
-    )
-    assert report.batches == 8
-    assert any("ran out of data" in w for w in report.warnings)
-    assert "relative standard error of the estimates" in str(report)
-
-
 def test_callable_selecting_nothing_says_so(images: Tensor) -> None:
     model = make_convnet()
     snap = snapshot(model)
-    report = bnfix.recalibrate(model, split(images, SPLIT), layers=lambda name, module: False)
+    with pytest.warns(BnfixWarning, match="selected none"):
+        report = bnfix.recalibrate(model, split(images, SPLIT), layers=lambda name, module: False)
     assert report.layers == ()
     assert any("selected none of the model's 4 BatchNorm layers" in w for w in report.warnings)
     assert_unchanged(model, snap)
@@ -859,10 +865,12 @@ def test_all_bn_frozen_in_a_train_mode_model_is_noted(images: Tensor) -> None:
     for module in model.modules():
         if isinstance(module, (nn.BatchNorm2d, nn.BatchNorm1d)):
             module.eval()
-    report = bnfix.recalibrate(model, split(images, SPLIT))
+    with pytest.warns(BnfixWarning, match="every selected BatchNorm layer was in eval mode"):
+        report = bnfix.recalibrate(model, split(images, SPLIT))
     assert any("every selected BatchNorm layer was in eval mode" in w for w in report.warnings)
 
 
+@pytest.mark.filterwarnings("ignore::bnfix.errors.BnfixWarning")
 def test_skip_is_not_swallowed_by_a_forward_that_catches_exception() -> None:
     """A batch of 1 must be skipped as a whole even if user code catches Exception."""
     model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
@@ -887,3 +895,161 @@ def test_numpy_scalars_are_accepted(images: Tensor) -> None:
     assert report.batches == 3
     report = bnfix.recalibrate(make_convnet(), split(images, SPLIT), momentum=np.float32(0.5))
     assert report.method == "ema"
+
+
+# ----------------------------------------------------------------------------------------------
+# notes as warnings, the EMA note, the device-side first-call check, host reads
+
+
+@pytest.mark.parametrize(
+    ("momentum", "note"),
+    [
+        (
+            0.01,
+            r"momentum=0.01 over 6 batch\(es\) keeps 94% .* about 230 batches would keep under 10%",
+        ),
+        (
+            "layer",
+            r"momentum='layer' over 6 batch\(es\) keeps 53% .*\(1 - 0.1\)\^6.* about 22 batches",
+        ),
+    ],
+)
+def test_an_ema_that_keeps_most_old_statistics_warns(
+    images: Tensor, momentum: Any, note: str
+) -> None:
+    batches = split(images[:96], (16,) * 6)
+    with pytest.warns(BnfixWarning, match=note):
+        report = bnfix.recalibrate(make_convnet(), batches, momentum=momentum)
+    assert any("would keep under 10%" in w for w in report.warnings)
+
+
+@pytest.mark.parametrize("momentum", ["exact", 0.5])
+def test_no_ema_note_when_the_old_statistics_are_mostly_replaced(
+    images: Tensor, momentum: Any
+) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", BnfixWarning)
+        report = bnfix.recalibrate(make_convnet(), split(images[:96], (16,) * 6), momentum=momentum)
+    assert report.warnings == ()
+
+
+def test_unused_layers_and_no_bn_are_warnings(images: Tensor) -> None:
+    with pytest.warns(BnfixWarning, match="saw no data"):
+        bnfix.recalibrate(Branchy(), split(images, SPLIT))
+    with pytest.warns(BnfixWarning, match="no BatchNorm layer"):
+        bnfix.recalibrate(nn.Sequential(nn.Conv2d(3, 3, 1)), split(images, SPLIT))
+
+
+@pytest.mark.parametrize("cls", [NoUpdateBN, OwnEmaBN, nn.BatchNorm2d])
+@pytest.mark.filterwarnings("ignore::bnfix.errors.BnfixWarning")
+def test_first_call_checked_on_the_device_gives_the_same_answer(
+    images: Tensor, cls: type, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The GPU path (verdict read after the first batch) on the CPU: same paths, same numbers."""
+    torch.manual_seed(0)
+    layers = (nn.Conv2d(3, 4, 3), cls(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.BatchNorm2d(4))
+    model = randomize_bn(nn.Sequential(*layers))
+    twin = copy.deepcopy(model)
+    # The first batch is skipped at the last layer, after the checked layer's first call.
+    batches = [images[:1], *split(images[1:], (1, 7, 24, 32, 63))]
+    at_once = bnfix.recalibrate(model, batches)
+    monkeypatch.setattr("bnfix.collect._defer_check", lambda x: True)
+    deferred = bnfix.recalibrate(twin, batches)
+    assert [lr.path for lr in deferred.layers] == [lr.path for lr in at_once.layers]
+    expected = "fast" if cls is nn.BatchNorm2d else "fallback"
+    assert [lr.path for lr in deferred.layers] == [expected, "fast"]
+    assert deferred.skipped_batches == at_once.skipped_batches == 2
+    seen = captured_bn_inputs(model, [b for b in batches if len(b) > 1])
+    for index in ("1", "4"):
+        for m in (model, twin):
+            assert_close_stats(m[int(index)], *pooled(seen[index]))
+
+
+def test_an_error_inside_a_bn_layer_propagates_unchanged(images: Tensor) -> None:
+    model = make_convnet()
+    snap = snapshot(model)
+    with pytest.raises(RuntimeError, match="running_mean should contain"):
+        bnfix.recalibrate(nn.Sequential(model.conv1, model.conv2, model.bn1), split(images, SPLIT))
+    assert_unchanged(model, snap)
+
+
+class _Deep(nn.Module):
+    def __init__(self, blocks: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            *[nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3)) for _ in range(blocks)]
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.body(x)
+
+
+def test_host_reads_do_not_grow_with_layers_or_batches(
+    images: Tensor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every way a tensor value reaches Python is counted: the count is the same for 2 or 12
+    layers and 3 or 12 batches (on a GPU each is a sync; the CUDA test checks the real thing)."""
+    reads = []
+
+    def counting(name: str) -> Any:
+        original = getattr(torch.Tensor, name)
+
+        def read(self: Tensor, *args: Any) -> Any:
+            reads.append(name)
+            return original(self, *args)
+
+        return read
+
+    counts = {}
+    for layers, count in ((2, 3), (12, 3), (12, 12)):
+        model = _Deep(layers)
+        batches = split(images[: 8 * count], (8,) * count)
+        bnfix.recalibrate(model, batches)  # warm-up, as a real user's second call
+        with monkeypatch.context() as patch:
+            for name in ("item", "tolist", "__bool__", "__float__", "__int__", "__index__"):
+                patch.setattr(torch.Tensor, name, counting(name))
+            reads.clear()
+            bnfix.recalibrate(model, batches)
+        counts[(layers, count)] = list(reads)
+    assert counts[(2, 3)] == counts[(12, 3)] == counts[(12, 12)]
+    assert len(counts[(2, 3)]) <= 2, counts[(2, 3)]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("num_batches", [None, "auto"])
+def test_cuda_syncs_per_call_are_constant(images: Tensor, num_batches: Any) -> None:
+    """CUDA's own sync detector: a constant per call (one more per batch with "auto")."""
+    counts = []
+    for blocks in (2, 12):
+        model = _Deep(blocks).cuda()
+        batches = [b.cuda() for b in split(images, (16,) * 8)]
+        bnfix.recalibrate(model, batches, num_batches=num_batches, tol=1e-9)  # warm-up
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                bnfix.recalibrate(model, batches, num_batches=num_batches, tol=1e-9)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        counts.append(sum("synchroniz" in str(w.message) for w in caught))
+    per_batch = 8 - 4 if num_batches == "auto" else 0  # "auto" reads its estimate from batch 5 on
+    assert counts[0] == counts[1] <= 1 + per_batch, counts
+
+
+def test_equal_batches_pool_all_layers_at_once_exactly() -> None:
+    """Equal batches take the all-layers fold (also past a 64-row chunk), fallback layer included."""
+    torch.manual_seed(0)
+    model = randomize_bn(
+        nn.Sequential(
+            nn.Conv2d(3, 4, 3), NoUpdateBN(4), nn.ReLU(), nn.Conv2d(4, 5, 1), nn.BatchNorm2d(5)
+        )
+    )
+    data = make_images(n=160, seed=3) * 3 + 100.0  # a large mean: no cancellation allowed
+    batches = split(data, (2,) * 80)
+    seen = captured_bn_inputs(model, batches)
+    report = bnfix.recalibrate(model, batches)
+    assert [lr.path for lr in report.layers] == ["fallback", "fast"]
+    assert [lr.elements for lr in report.layers] == [160 * 36, 160 * 36]
+    assert_close_stats(model[1], *pooled(seen["1"]))
+    assert_close_stats(model[4], *pooled(seen["4"]))

@@ -9,7 +9,15 @@ import numpy as np
 import pytest
 import torch
 
-from bnfix.stats import Moments, RowBuffer, SpreadTracker, ema_rows, moments_of, pool_rows
+from bnfix.stats import (
+    Moments,
+    RowBuffer,
+    SpreadTracker,
+    ema_rows,
+    moments_of,
+    pool_layers,
+    pool_rows,
+)
 
 
 def np_moments(a: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
@@ -113,6 +121,23 @@ def test_pool_rows_matches_numpy_over_uneven_groups(loc: float) -> None:
         pool_rows([], means[:0], variances[:0])
 
 
+@pytest.mark.parametrize("loc", [0.0, 1e4, -1e6])
+def test_pool_rows_of_equal_groups_matches_numpy(loc: float) -> None:
+    """Equal groups take the host-scalar path (one var_mean of the group means)."""
+    rng = np.random.default_rng(5)
+    data = rng.normal(loc, 2.0, size=(3, 240))
+    parts = np.split(data, 8, axis=1)
+    means = torch.tensor(np.stack([p.mean(1) for p in parts]))
+    variances = torch.tensor(np.stack([p.var(1, ddof=1) for p in parts]))
+    pooled = pool_rows([30] * 8, means, variances)
+    n, mean, m2 = np_moments(data)
+    assert pooled.n == n
+    np.testing.assert_allclose(pooled.mean.numpy(), mean, rtol=1e-12)
+    np.testing.assert_allclose(pooled.m2.numpy(), m2, rtol=1e-9)
+    one = pool_rows([30], means[:1], variances[:1])
+    np.testing.assert_allclose(one.m2.numpy(), 29 * variances[0].numpy(), rtol=1e-12)
+
+
 def test_ema_rows_is_the_pytorch_update_repeated() -> None:
     old_mean = torch.tensor([1.0, -2.0], dtype=torch.float64)
     old_var = torch.tensor([0.5, 3.0], dtype=torch.float64)
@@ -181,3 +206,16 @@ def test_spread_tracker_ignores_empty_chunks() -> None:
     tracker = SpreadTracker()
     tracker.add_rows(torch.zeros(0, 2, dtype=torch.float64), torch.zeros(0, 2, dtype=torch.float64))
     assert tracker.k == 0
+
+
+def test_pool_layers_matches_pool_rows_layer_by_layer() -> None:
+    rng = np.random.default_rng(6)
+    k, channels, ns = 5, [3, 1, 4], [7, 30, 2]
+    means = [torch.tensor(rng.normal(10.0, 1.0, size=(k, c))) for c in channels]
+    variances = [torch.tensor(rng.random((k, c)) + 0.5) for c in channels]
+    rows = torch.cat([torch.cat([m, v], dim=1) for m, v in zip(means, variances)], dim=1)
+    got_means, got_m2 = pool_layers(rows, ns, channels)
+    for m, v, n, mean, m2 in zip(means, variances, ns, got_means, got_m2):
+        want = pool_rows([n] * k, m, v)
+        np.testing.assert_allclose(mean.numpy(), want.mean.numpy(), rtol=1e-13)
+        np.testing.assert_allclose(m2.numpy(), want.m2.numpy(), rtol=1e-12)
