@@ -41,6 +41,7 @@ from bnfix.layers import (
     SkipBatch,
     bn_mode,
     check_lazy,
+    eager,
     elements_per_channel,
     named_modules,
 )
@@ -160,7 +161,7 @@ def _passes(
     counts = {way.name: Counts(topk, ignore) for way in ways}
     gaps = {pair: Gap() for pair in pairs}
     batches = 0
-    with torch.no_grad(), progress_bar(loader, None, plan.progress, desc) as bar:
+    with torch.no_grad(), eager(model), progress_bar(loader, None, plan.progress, desc) as bar:
         for batch in loader:
             target = pick_target(batch)
             moved = to_device(batch, where)

@@ -74,6 +74,30 @@ def test_compiled_model_runs_eagerly_with_the_eager_statistics(images: Tensor, f
     torch._dynamo.reset()
 
 
+def test_compare_and_diagnose_run_a_compiled_model_eagerly(images: Tensor) -> None:
+    torch._dynamo.reset()
+    labels = torch.arange(len(images)) % 3
+    batches = [(x, y) for x, y in zip(split(images, SPLIT), split(labels, SPLIT))]
+    reference = make_convnet().eval()
+    expected = bnfix.compare(reference, batches, batches)
+    expected_diagnosis = bnfix.diagnose(reference, batches)
+    model = make_convnet().eval()
+    backend = CountingBackend()
+    compiled = torch.compile(model, backend=backend)
+    compiled(images[:4])
+    before = backend.calls
+    comparison = bnfix.compare(compiled, batches, batches)
+    diagnosis = bnfix.diagnose(compiled, batches)
+    assert backend.calls == before, "an evaluation or diagnosis pass was compiled"
+    for way in ("before", "train_bn", "after"):
+        assert getattr(comparison, way) == getattr(expected, way), way
+    assert diagnosis.cause == expected_diagnosis.cause
+    assert [d.to_dict() for d in diagnosis.layers] == [
+        d.to_dict() for d in expected_diagnosis.layers
+    ]
+    torch._dynamo.reset()
+
+
 def test_eager_context_manager_stops_compilation(images: Tensor) -> None:
     torch._dynamo.reset()
     backend = CountingBackend()

@@ -48,7 +48,7 @@ from bnfix.diagnosis.probes import BothWays, Pair, Setup, written
 from bnfix.diagnosis.result import Diagnosis, LayerDrift
 from bnfix.diagnosis.rules import THRESHOLDS, decide
 from bnfix.errors import BnfixError
-from bnfix.layers import SkipBatch, bn_layers, bn_mode, check_lazy, dropout_layers
+from bnfix.layers import SkipBatch, bn_layers, bn_mode, check_lazy, dropout_layers, eager
 from bnfix.plan import Device, Plan, check_model
 
 __all__ = ["diagnose"]
@@ -227,10 +227,15 @@ def diagnose(
         num_batches=plan.limit,
         has_dropout=bool(dropout_layers(model)),
     )
-    data, outputs, tally = _first_pass(setup, loader, plan.progress)
-    refs, reference_batches = (None, 0) if reference is None else _reference_pass(setup, reference)
-    # a second pass needs a re-iterable loader
-    exact = None if isinstance(loader, Iterator) else _exact_pass(setup, loader, data.off.stats())
+    with eager(model):  # a compiled model would trace the hooks: run the passes eagerly
+        data, outputs, tally = _first_pass(setup, loader, plan.progress)
+        refs, reference_batches = (
+            (None, 0) if reference is None else _reference_pass(setup, reference)
+        )
+        # a second pass needs a re-iterable loader
+        exact = (
+            None if isinstance(loader, Iterator) else _exact_pass(setup, loader, data.off.stats())
+        )
     warnings: list[str] = []
     layers = layer_drifts(setup.layers, data, refs, warnings)
     warnings += _pass_warnings(layers, tally.skipped)
