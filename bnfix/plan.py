@@ -58,6 +58,18 @@ def _momentum(momentum: Any) -> Momentum:
     )
 
 
+def _device(device: Device) -> Optional[torch.device]:
+    if device is None:
+        return None
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError):  # torch's own message names neither the option nor the fix
+        raise ValueError(
+            f"Expected `device` to be a torch.device or a string such as 'cpu' or 'cuda:0', but "
+            f"got {device!r}"
+        ) from None
+
+
 @dataclass(frozen=True)
 class Plan:
     """Everything a calibration (or measuring) pass needs to know, already validated.
@@ -134,7 +146,7 @@ class Plan:
             layers=layers,
             dropout=bool(dropout),
             forward=forward_fn or default_forward,
-            device=torch.device(device) if device is not None else None,
+            device=_device(device),
             process_group=process_group,
             progress=bool(progress),
         )
