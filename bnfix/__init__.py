@@ -26,7 +26,7 @@ except KeyboardInterrupt:  # Ctrl-C while `python -m bnfix` imports torch: one l
     exit_if_starting()
     raise
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "BnfixError",
