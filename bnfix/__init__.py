@@ -19,7 +19,7 @@ try:
     from bnfix.evaluation import compare, evaluate
     from bnfix.layers import bn_layers
     from bnfix.report import LayerReport, Report
-    from bnfix.scores import Comparison, Evaluation
+    from bnfix.scores import Comparison, Evaluation, OutputGap
 except KeyboardInterrupt:  # Ctrl-C while `python -m bnfix` imports torch: one line, exit 130
     from bnfix.cli.errors import exit_if_starting
 
@@ -36,6 +36,7 @@ __all__ = [
     "Evaluation",
     "LayerDrift",
     "LayerReport",
+    "OutputGap",
     "Report",
     "Verdict",
     "__version__",

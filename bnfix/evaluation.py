@@ -378,10 +378,8 @@ def compare_planned(
         before=results["before"],
         train_bn=results["train"],
         after=results["after"],
-        agreement_before=before.agreement,
-        agreement_after=after.agreement,
-        output_gap_before=before.output_gap,
-        output_gap_after=after.output_gap,
+        gap_before=before.result(),
+        gap_after=after.result(),
         report=report,
     )
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from bnfix.errors import BnfixError
-from bnfix.scores import Evaluation
+from bnfix.scores import Evaluation, OutputGap
 
 __all__ = ["DEFAULT_IGNORE", "DENSE_IGNORE", "Counts", "Gap", "check_ignore_index", "is_scores"]
 
@@ -196,6 +196,10 @@ class Gap:
     def output_gap(self) -> Optional[float]:
         """``||eval - train|| / ||train||`` over everything added (None if the reference is 0)."""
         return (self.diff_sq / self.ref_sq) ** 0.5 if self.ref_sq > 0 else None
+
+    def result(self, kl: Optional[float] = None) -> OutputGap:
+        """The frozen :class:`bnfix.scores.OutputGap` (``kl`` when the caller measured it)."""
+        return OutputGap(self.agreement, kl, self.output_gap)
 
 
 def is_scores(out: Tensor) -> bool:

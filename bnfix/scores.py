@@ -14,7 +14,7 @@ from typing import Any, Optional
 from bnfix.report import Report
 from bnfix.tables import fmt_float, fmt_percent, json_safe, render_table
 
-__all__ = ["Comparison", "Evaluation"]
+__all__ = ["Comparison", "Evaluation", "OutputGap"]
 
 _BN_MODES = {
     "eval": "eval mode, running statistics",
@@ -171,6 +171,27 @@ def _notes(evaluations: Sequence[Evaluation]) -> list[str]:
 
 
 @dataclass(frozen=True)
+class OutputGap:
+    """How far eval mode's outputs are from a reference way of running the same samples.
+
+    One type for :class:`Comparison` (eval against train-mode BN, before and after) and
+    :class:`bnfix.Diagnosis` (against train-mode BN and against the exact statistics).
+
+    Attributes:
+        agreement: fraction of samples whose top-1 predictions agree (None when the outputs are
+            not class scores).
+        kl: mean ``KL(p_reference || p_eval)`` in nats per sample (per position for dense
+            outputs), softmax over dim 1; None when the outputs are not scores or it was not
+            measured (``compare`` does not).
+        output_gap: ``||eval - reference|| / ||reference||`` over all outputs.
+    """
+
+    agreement: Optional[float]
+    kl: Optional[float]
+    output_gap: Optional[float]
+
+
+@dataclass(frozen=True)
 class Comparison:
     """Eval-mode quality before and after recalibration, against train-mode BN.
 
@@ -181,22 +202,39 @@ class Comparison:
         before: eval mode with the old running statistics.
         train_bn: BN on batch statistics (what the network saw in training), measured once.
         after: eval mode with the recalibrated statistics.
-        agreement_before: fraction of samples (elements, for dense outputs) where eval-mode and
-            train-mode-BN top-1 predictions agree, before (None when outputs are not scores).
-        agreement_after: the same, after.
-        output_gap_before: ``||eval - train|| / ||train||`` over all outputs, before.
-        output_gap_after: the same, after.
+        gap_before: eval mode against train-mode BN before: top-1 agreement over samples
+            (elements, for dense outputs; None when outputs are not scores) and
+            ``||eval - train|| / ||train||`` over all outputs.
+        gap_after: the same, after.
         report: the recalibration :class:`bnfix.Report` (``comparison.report.undo()`` reverts).
     """
 
     before: Evaluation
     train_bn: Evaluation
     after: Evaluation
-    agreement_before: Optional[float]
-    agreement_after: Optional[float]
-    output_gap_before: Optional[float]
-    output_gap_after: Optional[float]
+    gap_before: OutputGap
+    gap_after: OutputGap
     report: Report
+
+    @property
+    def agreement_before(self) -> Optional[float]:
+        """Eval/train-mode-BN top-1 agreement before recalibration."""
+        return self.gap_before.agreement
+
+    @property
+    def agreement_after(self) -> Optional[float]:
+        """Eval/train-mode-BN top-1 agreement after recalibration."""
+        return self.gap_after.agreement
+
+    @property
+    def output_gap_before(self) -> Optional[float]:
+        """``||eval - train|| / ||train||`` before recalibration."""
+        return self.gap_before.output_gap
+
+    @property
+    def output_gap_after(self) -> Optional[float]:
+        """``||eval - train|| / ||train||`` after recalibration."""
+        return self.gap_after.output_gap
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready fields, including the full recalibration report."""

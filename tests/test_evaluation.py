@@ -245,9 +245,14 @@ def test_compare_gives_the_numbers_of_the_four_pass_order(images: Tensor, kind: 
     assert comparison.after == after
     assert comparison.agreement_before == (eval_old == train_out).mean()
     assert comparison.agreement_after == (eval_new == train_out).mean()
+    # one output-gap type for compare and diagnose; compare measures no KL
+    assert comparison.gap_after == bnfix.OutputGap(
+        comparison.agreement_after, None, comparison.output_gap_after
+    )
     # one read and three forwards per validation batch, after the calibration pass
     assert loader.drawn == len(val)
     assert calls == ["calib"] * len(calib) + ["val"] * (3 * len(val))
+    assert type(bnfix.diagnose(model, val).train_gap) is bnfix.OutputGap
     # the model ends exactly as recalibrate leaves it; undo gives back the old statistics
     assert bits(model) == bits(twin)
     comparison.report.undo()

@@ -21,8 +21,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from bnfix.batches import ForwardFn, output_tensor
 from bnfix.collect import Collector, batch_stats
-from bnfix.diagnosis.result import OutputGap
 from bnfix.metrics import Counts, Gap
+from bnfix.scores import OutputGap
 
 __all__ = ["DROPOUT_SEED", "BothWays", "Pair", "Setup", "kl_divergence", "private_rng", "written"]
 
@@ -79,7 +79,7 @@ class Pair:
 
     def output_gap(self) -> OutputGap:
         """Agreement, KL and relative output gap of the other outputs against the reference."""
-        return OutputGap(self.gap.agreement, self.kl, self.gap.output_gap)
+        return self.gap.result(self.kl)
 
 
 @contextlib.contextmanager

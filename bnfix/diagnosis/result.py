@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
 from bnfix.diagnosis import render
-from bnfix.scores import Evaluation
+from bnfix.scores import Evaluation, OutputGap
 from bnfix.stats import Drift
 from bnfix.tables import json_safe
 
-__all__ = ["CONFIDENCES", "Diagnosis", "LayerDrift", "OutputGap", "Verdict"]
+__all__ = ["CONFIDENCES", "Diagnosis", "LayerDrift", "Verdict"]
 
 CONFIDENCES = ("high", "medium", "low")
 _DRIFT = tuple(f.name for f in dataclasses.fields(Drift))
@@ -123,23 +123,6 @@ class LayerDrift:
                 "drift": self.drift,
             }
         )
-
-
-@dataclass(frozen=True)
-class OutputGap:
-    """How far eval mode's outputs are from a reference way of running the same samples.
-
-    Attributes:
-        agreement: fraction of samples whose top-1 predictions agree (None when the outputs are
-            not class scores).
-        kl: mean ``KL(p_reference || p_eval)`` in nats per sample (per position for dense
-            outputs), softmax over dim 1; None when the outputs are not scores.
-        output_gap: ``||eval - reference|| / ||reference||`` over all outputs.
-    """
-
-    agreement: Optional[float]
-    kl: Optional[float]
-    output_gap: Optional[float]
 
 
 @dataclass(frozen=True)

@@ -47,7 +47,8 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any, Callable, Optional
 
-from bnfix.diagnosis.result import CONFIDENCES, Diagnosis, LayerDrift, OutputGap, Verdict
+from bnfix.diagnosis.result import CONFIDENCES, Diagnosis, LayerDrift, Verdict
+from bnfix.scores import OutputGap
 
 __all__ = ["RULES", "THRESHOLDS", "Level", "decide", "gap_level"]
 
