@@ -227,8 +227,17 @@ def diagnose(
         num_batches=plan.limit,
         has_dropout=bool(dropout_layers(model)),
     )
-    with eager(model):  # a compiled model would trace the hooks: run the passes eagerly
-        data, outputs, tally = _first_pass(setup, loader, plan.progress)
+    measured = _measure(setup, loader, reference, plan.progress)
+    verdict = decide(measured)
+    return dataclasses.replace(measured, verdict=verdict, seconds=time.perf_counter() - start)
+
+
+def _measure(
+    setup: Setup, loader: Iterable[Any], reference: Optional[Iterable[Any]], progress: bool
+) -> Diagnosis:
+    """Run every pass and collect the measurements into a :class:`Diagnosis` without a verdict."""
+    with eager(setup.model):  # a compiled model would trace the hooks: run the passes eagerly
+        data, outputs, tally = _first_pass(setup, loader, progress)
         refs, reference_batches = (
             (None, 0) if reference is None else _reference_pass(setup, reference)
         )
@@ -239,7 +248,7 @@ def diagnose(
     warnings: list[str] = []
     layers = layer_drifts(setup.layers, data, refs, warnings)
     warnings += _pass_warnings(layers, tally.skipped)
-    measured = Diagnosis(
+    return Diagnosis(
         verdict=(),  # the rules read the measured diagnosis; the verdict is filled in below
         layers=tuple(layers),
         eval=outputs.counts[1].result("eval"),
@@ -256,8 +265,6 @@ def diagnose(
         warnings=tuple(warnings),
         thresholds=dict(THRESHOLDS),
     )
-    verdict = decide(measured)
-    return dataclasses.replace(measured, verdict=verdict, seconds=time.perf_counter() - start)
 
 
 def _pass_warnings(layers: Sequence[LayerDrift], skipped: int) -> list[str]:
