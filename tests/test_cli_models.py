@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 import torchvision
@@ -71,3 +72,26 @@ def test_segmentation_arch_downloads_no_backbone(
     written = _recalibrate(tmp_path, model, *arch)
     expected = _expected_buffers(model, tmp_path / "c.npz", 4)
     _assert_recalibrated(written, expected)
+
+
+def test_segmentation_val_is_scored_per_pixel(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(
+        "lraspp_mobilenet_v3_large", weights=None, weights_backbone=None, num_classes=3
+    )
+    torch.save(randomize_bn(model).state_dict(), tmp_path / "m.pt")
+    x = torch.randn(8, 3, 32, 32)
+    y = torch.randint(0, 3, (8, 32, 32))
+    y[:, :2] = 255  # void rows: left out by default
+    np.savez(tmp_path / "c.npz", x=x.numpy())
+    np.savez(tmp_path / "v.npz", x=x.numpy(), y=y.numpy())
+    code, out, err = run_cli(
+        "recalibrate", tmp_path / "m.pt", "--arch", "lraspp_mobilenet_v3_large",
+        "--num-classes", "3", "--calib", tmp_path / "c.npz", "--val", tmp_path / "v.npz",
+        "--batch-size", "4", "--dry-run",
+    )  # fmt: skip
+    assert code == 0, err
+    rows = {line.split("  ")[0]: line for line in out.splitlines()}
+    assert "mIoU" in rows and "-" not in rows["top-1"].split()[1:]
+    assert "top-5" not in rows  # 3 classes: top-5 is always 100 %
+    assert f"{8 * 30 * 32} labelled elements" in out and f"{8 * 2 * 32} ignored" in out

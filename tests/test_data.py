@@ -129,6 +129,18 @@ def test_pt_file_and_float64(tmp_path: Path) -> None:
     assert dataset[0][0].dtype == torch.float32 and info.classes == 6
 
 
+def test_per_pixel_labels_and_the_ignore_label(tmp_path: Path) -> None:
+    y = np.arange(3 * 4 * 4).reshape(3, 4, 4) % 5
+    y[0, 0, 0], y[1, 0, 0] = 255, -100
+    np.savez(tmp_path / "d.npz", x=np.zeros((3, 2, 4, 4), dtype=np.float32), y=y)
+    dataset, info = load_data(tmp_path / "d.npz", labelled=True)
+    assert info.labelled and dataset[0][1].shape == (4, 4)
+    assert sorted(int(dataset[i][1].min()) for i in range(3)) == [-100, 0, 0]
+    np.savez(tmp_path / "bad.npz", x=np.zeros((3, 2)), y=np.full((3,), -1))
+    with pytest.raises(DataError, match=r">= 0 \(or -100, ignored\), but got -1"):
+        load_data(tmp_path / "bad.npz", labelled=True)
+
+
 @pytest.mark.parametrize(
     ("content", "match"),
     [

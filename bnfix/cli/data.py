@@ -331,7 +331,7 @@ def _load_tensors(
     if not isinstance(content, dict) or "x" not in content:
         keys = list(content) if isinstance(content, dict) else type(content).__name__
         raise DataError(
-            f"Expected {path} to hold an array `x` (N, ...) and optionally `y` (N,), but it holds {keys}"
+            f"Expected {path} to hold an array `x` (N, ...) and optionally `y` (N,) or (N, ...), but it holds {keys}"
         )
     x = _as_tensor(content["x"], "x", path)
     if x.dim() == 0 or x.shape[0] == 0:
@@ -344,18 +344,22 @@ def _load_tensors(
     if labelled and "y" in content:
         y = _as_tensor(content["y"], "y", path)
         if (
-            y.dim() != 1
+            y.dim() == 0
             or y.shape[0] != x.shape[0]
             or y.is_floating_point()
             or y.dtype == torch.bool
         ):
             raise DataError(
-                f"Expected `y` in {path} to be integer labels of shape ({x.shape[0]},), but got "
-                f"{y.dtype} of shape {list(y.shape)}"
+                f"Expected `y` in {path} to be integer labels of shape ({x.shape[0]},), or "
+                f"({x.shape[0]}, ...) per pixel, but got {y.dtype} of shape {list(y.shape)}"
             )
         y = y.long()
-        if int(y.min()) < 0:
-            raise DataError(f"Expected labels `y` in {path} to be >= 0, but got {int(y.min())}")
+        negative = y[(y < 0) & (y != -100)]  # -100: the "ignore" convention of cross-entropy
+        if negative.numel():
+            raise DataError(
+                f"Expected labels `y` in {path} to be >= 0 (or -100, ignored), but got "
+                f"{int(negative.min())}"
+            )
     order = torch.tensor(_permutation(x.shape[0], seed)[:limit], dtype=torch.long)
     x = x[order]
     y = None if y is None else y[order]
