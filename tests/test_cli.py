@@ -623,6 +623,7 @@ def test_torchrun_two_processes_merge_exactly(tmp_path: Path, data: dict[str, Pa
 # --- --num-batches auto --tol ----------------------------------------------------------------
 
 
+@pytest.mark.filterwarnings("ignore::bnfix.errors.BnfixWarning")  # incidental note
 def test_num_batches_auto_with_tol(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "net.py").write_text(
         "import torch.nn as nn\n"

@@ -189,6 +189,7 @@ def test_auto_is_scale_free():
     assert first.batches == second.batches
 
 
+@pytest.mark.filterwarnings("ignore::bnfix.errors.BnfixWarning")  # incidental note
 def test_auto_needs_five_batches_and_stops_at_the_end_of_a_short_loader():
     batches = _gaussian_batches(40)
     easy = bnfix.recalibrate(nn.BatchNorm1d(CHANNELS), batches, num_batches="auto", tol=1e6)

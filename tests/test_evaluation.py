@@ -360,6 +360,7 @@ def test_compare_refuses_lazy_model_before_any_work(images: Tensor, lazy: str) -
         (0, KeyboardInterrupt()),
     ],
 )
+@pytest.mark.filterwarnings("ignore::bnfix.errors.BnfixWarning")  # incidental note
 def test_a_failure_mid_pass_leaves_the_model_recalibrated(
     images: Tensor, way: int, error: BaseException
 ) -> None:
@@ -517,6 +518,7 @@ def test_iterable_dataset_loader_without_len() -> None:
     assert bnfix.diagnose(model, loader, progress=True).samples == 24
 
 
+@pytest.mark.filterwarnings("ignore::bnfix.errors.BnfixWarning")  # incidental note
 def test_train_mode_skips_are_counted_and_shown() -> None:
     model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
     g = torch.Generator().manual_seed(0)

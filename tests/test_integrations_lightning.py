@@ -326,6 +326,7 @@ def test_recalibrate_before_weight_averaging_is_refused(tmp_path: Any) -> None:
         fit.fit(LitNet(), loader())
 
 
+@pytest.mark.filterwarnings("ignore::bnfix.errors.BnfixWarning")  # incidental note
 def test_validation_mode_recalibrates_before_validation_not_sanity_check(tmp_path: Any) -> None:
     calib = loader(48, seed=1)
 

@@ -157,6 +157,7 @@ def accuracy(model: nn.Module, batches: Any, *, train_bn: bool = False) -> float
     return correct / total
 
 
+@pytest.mark.filterwarnings("ignore::bnfix.errors.BnfixWarning")  # incidental note
 def test_given_loader_matches_direct_recalibrate(tmp_path: Any) -> None:
     calib = DataLoader(Blobs(48, seed=1), batch_size=16)
     snap, callback = Snapshot(), RecalibrateBNCallback(calib)
@@ -185,6 +186,7 @@ def test_default_loader_closes_the_gap(tmp_path: Any) -> None:
     assert after >= train_bn - 0.05, (before, train_bn, after)
 
 
+@pytest.mark.filterwarnings("ignore::bnfix.errors.BnfixWarning")  # incidental note
 def test_forward_fn_replaces_the_kwargs_call(tmp_path: Any) -> None:
     calib = DataLoader(Blobs(32, seed=2), batch_size=8)
     calls: list[int] = []

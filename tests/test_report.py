@@ -82,6 +82,7 @@ def test_undo_restores_bit_identically(images: Tensor) -> None:
     assert all(b is objects[n] for n, b in model.named_buffers())
 
 
+@pytest.mark.filterwarnings("ignore::bnfix.errors.BnfixWarning")  # incidental note
 def test_report_of_no_bn_model_renders() -> None:
     report = bnfix.recalibrate(torch.nn.Linear(4, 2), [torch.randn(3, 4)])
     assert "warning: the model has no BatchNorm layer" in str(report)
@@ -111,6 +112,7 @@ def test_report_is_frozen(images: Tensor) -> None:
     assert _bn_bits(model) == {n: bits for n, (_, bits) in snap["buffers"].items()}
 
 
+@pytest.mark.filterwarnings("ignore::bnfix.errors.BnfixWarning")  # incidental note
 def test_header_shows_the_ema_momentum_and_the_table_each_layers(images: Tensor) -> None:
     model = make_convnet()
     text = str(bnfix.recalibrate(model, split(images, SPLIT), momentum=0.3))
