@@ -8,7 +8,7 @@ element is the input, or a dict with a conventional input key.
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -30,7 +30,6 @@ __all__ = [
     "model_device",
     "output_tensor",
     "progress_bar",
-    "require_reiterable",
     "to_device",
 ]
 
@@ -135,15 +134,6 @@ def model_device(model: nn.Module) -> torch.device:
     for buffer in model.buffers():
         return buffer.device
     return torch.device("cpu")
-
-
-def require_reiterable(loader: Any, name: str) -> None:
-    """Refuse one-shot iterators where several passes over the same data are needed."""
-    if isinstance(loader, Iterator):
-        raise ValueError(
-            f"Expected `{name}` to be re-iterable (a DataLoader, list or Dataset), but got a "
-            f"one-shot iterator ({type(loader).__name__}); pass the loader itself, not iter(loader)"
-        )
 
 
 def progress_bar(loader: Any, limit: Optional[int], enabled: bool, desc: str) -> Any:

@@ -16,7 +16,6 @@ from bnfix.batches import (
     default_target,
     model_device,
     output_tensor,
-    require_reiterable,
     to_device,
 )
 
@@ -92,9 +91,6 @@ def test_output_tensor() -> None:
         output_tensor(3)
 
 
-def test_model_device_and_reiterable() -> None:
+def test_model_device() -> None:
     assert model_device(nn.Identity()) == torch.device("cpu")
     assert model_device(nn.BatchNorm1d(2, affine=False)) == torch.device("cpu")
-    require_reiterable([X], "loader")
-    with pytest.raises(ValueError, match=r"`loader` to be re-iterable.*one-shot iterator"):
-        require_reiterable(iter([X]), "loader")
