@@ -11,6 +11,7 @@ numbers.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -155,36 +156,40 @@ def pool_rows(ns: list[int], means: Tensor, unbiased_vars: Tensor) -> Moments:
 
 def pool_layers(
     rows: Tensor, ns: Sequence[int], channels: Sequence[int]
-) -> tuple[list[Tensor], list[Tensor]]:
+) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
     """:func:`pool_rows` of many layers at once, each with ``k`` rows of equal counts.
 
-    ``rows`` is ``(k, 2 * sum(channels))``: per call, every layer's means then its variances,
-    layer after layer; layer ``l`` saw ``ns[l]`` elements per channel on every call. Column sums
-    over the rows give every channel's mean of the means, their spread and the sum of the
-    variances at once, so the cost no longer grows by a handful of kernels per layer.
+    ``rows`` is ``(2, k, sum(channels))``: ``rows[0]`` the per-call means, ``rows[1]`` the
+    variances, every layer's channels side by side (layer ``l`` saw ``ns[l]`` elements per
+    channel on every call). Channel-wise sums over the calls give every channel's mean of the
+    means, their spread and the sum of the variances at once, so the cost does not grow by a
+    handful of kernels per layer, and no column has to be gathered.
 
     Returns:
-        Per layer, the pooled mean and ``M2`` (views into two flat tensors).
+        Per layer, the pooled mean and ``M2`` (views into two flat tensors), and per layer a
+        ``(k,)`` sum of each call's means and variances: finite exactly when all of them are
+        (short of an overflow past 1e308), kept to name the first bad batch on an error. Runs
+        of layers of equal width take one reduction between them.
     """
-    k, device = rows.shape[0], rows.device
-    total = rows.sum(dim=0)  # sums, not torch.var_mean: its reduction over dim 0 is slow on CPU
+    k, device = rows.shape[1], rows.device
     sizes = torch.tensor(list(channels))
-    # Channel g of the concatenated layers, in layer l with c_l channels before it, has its mean
-    # at g + c_l (the variances of the layers before it come first) and its variance at
-    # g + c_l + (its layer's width).
-    first = torch.arange(int(sizes.sum())) + torch.repeat_interleave(
-        torch.cumsum(sizes, 0) - sizes, sizes
-    )
-    means_at = first.to(device, non_blocking=True)
-    vars_at = (first + torch.repeat_interleave(sizes, sizes)).to(device, non_blocking=True)
     n = torch.repeat_interleave(torch.tensor(list(ns), dtype=torch.float64), sizes)
     n = n.to(device, non_blocking=True)
-    mean = total.index_select(0, means_at) / k
-    # sum over calls of (mean_i - pooled mean)^2, on the mean columns only
-    spread = (rows.index_select(1, means_at) - mean).square().sum(dim=0)
-    m2 = total.index_select(0, vars_at) * (n - 1) + spread * n
+    total = rows.sum(dim=1)  # sums, not torch.var_mean: its reduction over dim 1 is slow on CPU
+    mean = total[0] / k
+    per_call = rows[0] + rows[1]  # (k, columns), for the finiteness checks
+    # sum over calls of (mean_i - pooled mean)^2
+    spread = (rows[0] - mean).square_().sum(dim=0)
+    m2 = total[1].mul_(n - 1).add_(spread.mul_(n))
     split = [int(c) for c in channels]
-    return list(mean.split(split)), list(m2.split(split))
+    checks: list[Tensor] = []
+    start = 0
+    for width, run in itertools.groupby(split):
+        count = len(list(run))
+        block = per_call[:, start : start + count * width].reshape(k, count, width)
+        checks += list(block.sum(dim=2).t().unbind())
+        start += count * width
+    return list(mean.split(split)), list(m2.split(split)), checks
 
 
 def ema_rows(
@@ -208,7 +213,7 @@ def ema_rows(
 class RowBuffer:
     """Per-call (n, batch mean, unbiased batch variance) rows, folded in chunks.
 
-    One ``torch.cat`` of a layer's two buffers (one small kernel, in the buffers' own dtype) is
+    One ``torch.stack`` of a layer's two buffers (one small kernel, in the buffers' own dtype) is
     all the per-batch work a layer costs; the rows become float64 and are merged once per chunk,
     vectorized. The counts stay on the host (they are known from shapes), so on a GPU the pass has
     no syncs and no tiny merge kernels per layer per batch. Rows of a batch that is later
@@ -219,14 +224,14 @@ class RowBuffer:
         self.capacity = capacity
         self.channels = channels
         self.device = device  # where the float64 rows are merged
-        self._rows: list[Tensor] = []  # (2C,): mean and unbiased variance of one call
+        self._rows: list[Tensor] = []  # (2, C): mean and unbiased variance of one call
         self.ns: list[int] = []
         self.tags: list[int] = []
         self.committed = 0
 
     def push(self, n: int, mean: Tensor, unbiased_var: Tensor) -> None:
         """Record one call's statistics (pending until :meth:`commit`); no autograd (buffers)."""
-        self._rows.append(torch.cat((mean, unbiased_var)))
+        self._rows.append(torch.stack((mean, unbiased_var)))
         self.ns.append(n)
 
     def rollback(self) -> None:
@@ -250,12 +255,11 @@ class RowBuffer:
         if rows:
             stacked = torch.stack(rows).to(self.device, torch.float64)
         else:
-            stacked = torch.empty(0, 2 * self.channels, dtype=torch.float64, device=self.device)
-        c = self.channels
-        return ns, stacked[:, :c], stacked[:, c:], tags
+            stacked = torch.empty(0, 2, self.channels, dtype=torch.float64, device=self.device)
+        return ns, stacked[:, 0], stacked[:, 1], tags
 
     def take_raw(self) -> tuple[list[int], list[Tensor], list[int]]:
-        """The committed counts, ``(2C,)`` rows as pushed, and tags; then empty."""
+        """The committed counts, ``(2, C)`` rows as pushed, and tags; then empty."""
         if len(self.ns) != self.committed:
             raise RuntimeError("RowBuffer.take() with uncommitted rows; commit or roll back first")
         out = (self.ns, self._rows, self.tags)

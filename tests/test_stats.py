@@ -213,9 +213,35 @@ def test_pool_layers_matches_pool_rows_layer_by_layer() -> None:
     k, channels, ns = 5, [3, 1, 4], [7, 30, 2]
     means = [torch.tensor(rng.normal(10.0, 1.0, size=(k, c))) for c in channels]
     variances = [torch.tensor(rng.random((k, c)) + 0.5) for c in channels]
-    rows = torch.cat([torch.cat([m, v], dim=1) for m, v in zip(means, variances)], dim=1)
-    got_means, got_m2 = pool_layers(rows, ns, channels)
-    for m, v, n, mean, m2 in zip(means, variances, ns, got_means, got_m2):
+    rows = torch.stack([torch.cat(means, dim=1), torch.cat(variances, dim=1)])
+    means[1][3, 0] = variances[2][1, 2] = float("nan")  # after the copy: only the checks see it
+    rows[0, 3, 3] = rows[1, 1, 6] = float("nan")
+    got_means, got_m2, checks = pool_layers(rows.clone(), ns, channels)
+    for m, v, n, mean, m2, check in zip(means, variances, ns, got_means, got_m2, checks):
+        finite = torch.isfinite(m).all(dim=1) & torch.isfinite(v).all(dim=1)
+        assert check.isfinite().tolist() == finite.tolist()
+        if not finite.all():
+            continue
         want = pool_rows([n] * k, m, v)
         np.testing.assert_allclose(mean.numpy(), want.mean.numpy(), rtol=1e-13)
         np.testing.assert_allclose(m2.numpy(), want.m2.numpy(), rtol=1e-12)
+
+
+def test_pool_layers_equal_widths_share_checks() -> None:
+    rng = np.random.default_rng(7)
+    k, channels, ns = 4, [2, 2, 2, 5], [3, 4, 5, 6]
+    means = [torch.tensor(rng.normal(-3.0, 2.0, size=(k, c))) for c in channels]
+    variances = [torch.tensor(rng.random((k, c)) + 0.1) for c in channels]
+    rows = torch.stack([torch.cat(means, dim=1), torch.cat(variances, dim=1)])
+    rows[1, 2, 3] = float("inf")  # layer 1, call 2
+    got_means, got_m2, checks = pool_layers(rows, ns, channels)
+    assert [c.isfinite().tolist() for c in checks] == [
+        [True] * 4,
+        [True, True, False, True],
+        [True] * 4,
+        [True] * 4,
+    ]
+    for layer in (0, 2, 3):
+        want = pool_rows([ns[layer]] * k, means[layer], variances[layer])
+        np.testing.assert_allclose(got_means[layer].numpy(), want.mean.numpy(), rtol=1e-13)
+        np.testing.assert_allclose(got_m2[layer].numpy(), want.m2.numpy(), rtol=1e-12)
