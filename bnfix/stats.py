@@ -15,11 +15,10 @@ import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 from torch import Tensor
-from torch.nn.utils.rnn import pad_sequence
 
 __all__ = [
     "Drift",
@@ -384,10 +383,12 @@ def drifts(
 ) -> list[tuple[bool, Drift]]:
     """:func:`drift` of many layers at once, with whether each layer's new statistics are finite.
 
-    Every layer's channels are padded with zeros into one ``(layers, max channels)`` matrix
-    (a zero-padded channel has zero shift and zero log ratio, and both are non-negative, so the
-    padding changes neither sums nor maxima); the whole answer reaches the host in one copy, so
-    the cost does not grow with a sync per layer.
+    Every layer's channels are concatenated into one float64 vector, the per-channel terms are
+    computed once over it, and per-layer sums and maxima come from segment reductions (the
+    terms are non-negative or NaN, so a maximum starting at 0 is the layer's maximum). The whole
+    answer reaches the host in one copy, so the cost does not grow with a sync per layer, and
+    no kernel runs per layer (padding to the widest layer cost a pass over ``layers x max
+    channels`` values per input).
 
     Returns:
         Per layer ``(finite, Drift)``.
@@ -396,27 +397,32 @@ def drifts(
         return []
     device = new_means[0].device
 
-    def padded(values: Sequence[Tensor]) -> Tensor:
-        if len({(v.dtype, v.device) for v in values}) == 1:  # pad first: one conversion, not L
-            return pad_sequence(list(values), batch_first=True).to(device, torch.float64)
-        moved = [v.detach().to(device, torch.float64) for v in values]
-        return pad_sequence(moved, batch_first=True)
+    def joined(values: Sequence[Tensor]) -> Tensor:
+        if len({(v.dtype, v.device) for v in values}) == 1:  # join first: one conversion, not L
+            return torch.cat(list(values)).to(device, torch.float64)
+        return torch.cat([v.detach().to(device, torch.float64) for v in values])
 
-    old_mean, old_var = padded(old_means), padded(old_vars)
-    new_mean, new_var = padded(new_means), padded(new_vars)
-    eps_col = host_vector(list(eps), device)[:, None]
-    channels = host_vector([float(m.numel()) for m in new_means], device)
-    finite = (new_mean.isfinite() & new_var.isfinite()).all(dim=1)
-    shift = (new_mean - old_mean).abs() / (new_var + eps_col).sqrt()
-    logvar = ((new_var + eps_col) / (old_var + eps_col)).log().abs()
+    old_mean, old_var = joined(old_means), joined(old_vars)
+    new_mean, new_var = joined(new_means), joined(new_vars)
+    widths = [m.numel() for m in new_means]
+    lengths_host = torch.tensor(widths)
+    lengths = lengths_host if device.type == "cpu" else lengths_host.to(device, non_blocking=True)
+    eps_col: Union[float, Tensor] = eps[0]  # one epsilon for all (the usual case): no tensor
+    if any(e != eps[0] for e in eps):
+        eps_col = torch.tensor(list(eps), dtype=torch.float64).repeat_interleave(lengths_host)
+        eps_col = eps_col if device.type == "cpu" else eps_col.to(device, non_blocking=True)
+    channels = host_vector([float(w) for w in widths], device)
+
+    # Per layer, a sum that is finite exactly when every new value is (short of an overflow
+    # past 1e308, which float32 buffers could not hold anyway).
+    values = new_mean + new_var
+    shift = (new_mean - old_mean).abs_().div_((new_var + eps_col).sqrt_())
+    logvar = (new_var + eps_col).div_(old_var + eps_col).log_().abs_()
+    terms = torch.stack([values, shift, logvar])  # one reduction per kind, not per term
+    by_layer = lengths.expand(3, -1)
+    sums = torch.segment_reduce(terms, "sum", lengths=by_layer, axis=1)
+    maxima = torch.segment_reduce(terms[1:], "max", lengths=by_layer[1:], axis=1, initial=0.0)
     table = torch.stack(
-        [
-            finite.to(torch.float64),
-            shift.sum(dim=1) / channels,
-            shift.amax(dim=1),
-            logvar.sum(dim=1) / channels,
-            logvar.amax(dim=1),
-        ],
-        dim=1,
+        [sums[0].isfinite(), sums[1] / channels, maxima[0], sums[2] / channels, maxima[1]], dim=1
     ).tolist()  # the one host copy
     return [(bool(row[0]), Drift(row[1], row[2], row[3], row[4])) for row in table]
