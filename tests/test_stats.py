@@ -13,6 +13,7 @@ from bnfix.stats import (
     Moments,
     RowBuffer,
     SpreadTracker,
+    drifts,
     ema_rows,
     moments_of,
     pool_layers,
@@ -245,3 +246,51 @@ def test_pool_layers_equal_widths_share_checks() -> None:
         want = pool_rows([ns[layer]] * k, means[layer], variances[layer])
         np.testing.assert_allclose(got_means[layer].numpy(), want.mean.numpy(), rtol=1e-13)
         np.testing.assert_allclose(got_m2[layer].numpy(), want.m2.numpy(), rtol=1e-12)
+
+
+def _numpy_drift(
+    old_m: np.ndarray, old_v: np.ndarray, new_m: np.ndarray, new_v: np.ndarray, eps: float
+) -> list[float]:
+    shift = np.abs(new_m - old_m) / np.sqrt(new_v + eps)
+    logvar = np.abs(np.log((new_v + eps) / (old_v + eps)))
+    return [float(shift.mean()), float(shift.max()), float(logvar.mean()), float(logvar.max())]
+
+
+@pytest.mark.parametrize("eps", [[1e-5] * 4, [1e-5, 1e-3, 0.1, 1e-5]])
+def test_drifts_match_numpy_layer_by_layer(eps: list[float]) -> None:
+    rng = np.random.default_rng(8)
+    widths = [3, 1, 5, 3]
+    old_m = [rng.normal(0.0, 1.0, w) for w in widths]
+    old_v = [rng.random(w) + 0.2 for w in widths]
+    new_m = [rng.normal(0.5, 1.0, w) for w in widths]
+    new_v = [rng.random(w) + 0.1 for w in widths]
+    old_m[3][1] = np.nan  # stale statistics before the call: a NaN drift, still finite new
+    new_v[2][4] = np.inf  # non-finite new statistics in one layer only
+    got = drifts(
+        [torch.tensor(m, dtype=torch.float32) for m in old_m],  # buffers' dtype
+        [torch.tensor(v, dtype=torch.float32) for v in old_v],
+        [torch.tensor(m) for m in new_m],
+        [torch.tensor(v) for v in new_v],
+        eps,
+    )
+    assert [finite for finite, _ in got] == [True, True, False, True]
+    for i, (_, moved) in enumerate(got):
+        want = _numpy_drift(
+            old_m[i].astype(np.float32).astype(np.float64),
+            old_v[i].astype(np.float32).astype(np.float64),
+            new_m[i],
+            new_v[i],
+            eps[i],
+        )
+        values = [
+            moved.mean_shift,
+            moved.mean_shift_max,
+            moved.log_var_ratio,
+            moved.log_var_ratio_max,
+        ]
+        if i == 3:  # the NaN channel makes the mean shift NaN; the variance terms are unaffected
+            assert np.isnan(values[0]) and np.isnan(values[1])
+            np.testing.assert_allclose(values[2:], want[2:], rtol=1e-12)
+        elif i != 2:
+            np.testing.assert_allclose(values, want, rtol=1e-12)
+    assert drifts([], [], [], [], []) == []
