@@ -308,22 +308,19 @@ class Collector:
             if ns.count(ns[0]) != k:
                 return False
         taken = [s.rows.take_raw() for s in states]  # type: ignore[union-attr]
-        # Equal widths side by side: their finiteness checks share one reduction.
-        order = sorted(range(len(states)), key=lambda i: states[i].rows.channels)  # type: ignore[union-attr]
-        pieces = [taken[j][1][i] for i in range(k) for j in order]  # call by call, (2, C) each
+        pieces = [rows[i] for i in range(k) for _, rows, _ in taken]  # call by call, (2, C) each
         if len({p.device for p in pieces}) != 1:
             for s, (ns, rows, tags) in zip(states, taken):  # put them back, fold one by one
                 s.rows._rows, s.rows.ns, s.rows.tags = rows, ns, tags  # type: ignore[union-attr]
                 s.rows.committed = k  # type: ignore[union-attr]
             return False
         device = states[0].rows.device  # type: ignore[union-attr]
-        widths = [states[j].rows.channels for j in order]  # type: ignore[union-attr]
+        widths = [s.rows.channels for s in states]  # type: ignore[union-attr]
         # One copy in the buffers' dtype, then one conversion: a cat straight into float64
         # converts piece by piece and costs several times more on the CPU.
         flat = torch.cat(pieces, dim=1).to(device, torch.float64).view(2, k, -1)
-        means, m2s, checks = pool_layers(flat, [taken[j][0][0] for j in order], widths)
-        for j, mean, m2, check in zip(order, means, m2s, checks):
-            s, (ns, _, tags) = states[j], taken[j]
+        means, m2s, checks = pool_layers(flat, [ns[0] for ns, _, _ in taken], widths)
+        for s, (ns, _, tags), mean, m2, check in zip(states, taken, means, m2s, checks):
             s.finite.append((check, tags))
             s.calls += k
             s.pooled = s.pooled.merge(Moments(k * ns[0], mean, m2))

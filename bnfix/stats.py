@@ -11,7 +11,6 @@ numbers.
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -167,28 +166,23 @@ def pool_layers(
     Returns:
         Per layer, the pooled mean and ``M2`` (views into two flat tensors), and per layer a
         ``(k,)`` sum of each call's means and variances: finite exactly when all of them are
-        (short of an overflow past 1e308), kept to name the first bad batch on an error. Runs
-        of layers of equal width take one reduction between them.
+        (short of an overflow past 1e308), kept to name the first bad batch on an error: one
+        segment reduction for all layers.
     """
     k, device = rows.shape[1], rows.device
-    sizes = torch.tensor(list(channels))
-    n = torch.repeat_interleave(torch.tensor(list(ns), dtype=torch.float64), sizes)
-    n = n.to(device, non_blocking=True)
+    split = [int(c) for c in channels]
+    sizes = torch.tensor(split)
+    n = torch.tensor(list(ns), dtype=torch.float64).repeat_interleave(sizes, output_size=sum(split))
+    if device.type != "cpu":
+        n, sizes = n.to(device, non_blocking=True), sizes.to(device, non_blocking=True)
     total = rows.sum(dim=1)  # sums, not torch.var_mean: its reduction over dim 1 is slow on CPU
     mean = total[0] / k
-    per_call = rows[0] + rows[1]  # (k, columns), for the finiteness checks
     # sum over calls of (mean_i - pooled mean)^2
     spread = (rows[0] - mean).square_().sum(dim=0)
     m2 = total[1].mul_(n - 1).add_(spread.mul_(n))
-    split = [int(c) for c in channels]
-    checks: list[Tensor] = []
-    start = 0
-    for width, run in itertools.groupby(split):
-        count = len(list(run))
-        block = per_call[:, start : start + count * width].reshape(k, count, width)
-        checks += list(block.sum(dim=2).t().unbind())
-        start += count * width
-    return list(mean.split(split)), list(m2.split(split)), checks
+    # (k, layers): per call and layer, one segment sum over the layer's columns.
+    per_call = torch.segment_reduce(rows[0] + rows[1], "sum", lengths=sizes.expand(k, -1), axis=1)
+    return list(mean.split(split)), list(m2.split(split)), list(per_call.t())
 
 
 def ema_rows(

@@ -228,7 +228,7 @@ def test_pool_layers_matches_pool_rows_layer_by_layer() -> None:
         np.testing.assert_allclose(m2.numpy(), want.m2.numpy(), rtol=1e-12)
 
 
-def test_pool_layers_equal_widths_share_checks() -> None:
+def test_pool_layers_checks_name_the_bad_call() -> None:
     rng = np.random.default_rng(7)
     k, channels, ns = 4, [2, 2, 2, 5], [3, 4, 5, 6]
     means = [torch.tensor(rng.normal(-3.0, 2.0, size=(k, c))) for c in channels]
