@@ -308,7 +308,7 @@ class Collector:
             if ns.count(ns[0]) != k:
                 return False
         taken = [s.rows.take_raw() for s in states]  # type: ignore[union-attr]
-        pieces = [rows[i] for i in range(k) for _, rows, _ in taken]  # call by call, (2, C) each
+        pieces = [rows[i] for i in range(k) for _, rows, _ in taken]  # call by call, (2C,) each
         if len({p.device for p in pieces}) != 1:
             for s, (ns, rows, tags) in zip(states, taken):  # put them back, fold one by one
                 s.rows._rows, s.rows.ns, s.rows.tags = rows, ns, tags  # type: ignore[union-attr]
@@ -316,9 +316,13 @@ class Collector:
             return False
         device = states[0].rows.device  # type: ignore[union-attr]
         widths = [s.rows.channels for s in states]  # type: ignore[union-attr]
-        # One copy in the buffers' dtype, then one conversion: a cat straight into float64
-        # converts piece by piece and costs several times more on the CPU.
-        flat = torch.cat(pieces, dim=1).to(device, torch.float64).view(2, k, -1)
+        # One copy in the buffers' dtype (per call, layer after layer: means then variances),
+        # regrouped per layer into (k, 2, C) blocks with one view each and one more copy to put
+        # all means before all variances, then one conversion: no gather of columns, and a
+        # cat straight into float64 (which converts piece by piece) costs several times more.
+        calls = torch.cat(pieces).view(k, -1).split([2 * c for c in widths], dim=1)
+        blocks = [block.view(k, 2, c) for block, c in zip(calls, widths)]
+        flat = torch.cat(blocks, dim=2).to(device, torch.float64).transpose(0, 1)
         means, m2s, checks = pool_layers(flat, [ns[0] for ns, _, _ in taken], widths)
         for s, (ns, _, tags), mean, m2, check in zip(states, taken, means, m2s, checks):
             s.finite.append((check, tags))

@@ -206,7 +206,7 @@ def ema_rows(
 class RowBuffer:
     """Per-call (n, batch mean, unbiased batch variance) rows, folded in chunks.
 
-    One ``torch.stack`` of a layer's two buffers (one small kernel, in the buffers' own dtype) is
+    One ``torch.cat`` of a layer's two buffers (one small kernel, in the buffers' own dtype) is
     all the per-batch work a layer costs; the rows become float64 and are merged once per chunk,
     vectorized. The counts stay on the host (they are known from shapes), so on a GPU the pass has
     no syncs and no tiny merge kernels per layer per batch. Rows of a batch that is later
@@ -217,14 +217,14 @@ class RowBuffer:
         self.capacity = capacity
         self.channels = channels
         self.device = device  # where the float64 rows are merged
-        self._rows: list[Tensor] = []  # (2, C): mean and unbiased variance of one call
+        self._rows: list[Tensor] = []  # (2C,): mean and unbiased variance of one call
         self.ns: list[int] = []
         self.tags: list[int] = []
         self.committed = 0
 
     def push(self, n: int, mean: Tensor, unbiased_var: Tensor) -> None:
         """Record one call's statistics (pending until :meth:`commit`); no autograd (buffers)."""
-        self._rows.append(torch.stack((mean, unbiased_var)))
+        self._rows.append(torch.cat((mean, unbiased_var)))
         self.ns.append(n)
 
     def rollback(self) -> None:
@@ -248,11 +248,12 @@ class RowBuffer:
         if rows:
             stacked = torch.stack(rows).to(self.device, torch.float64)
         else:
-            stacked = torch.empty(0, 2, self.channels, dtype=torch.float64, device=self.device)
-        return ns, stacked[:, 0], stacked[:, 1], tags
+            stacked = torch.empty(0, 2 * self.channels, dtype=torch.float64, device=self.device)
+        c = self.channels
+        return ns, stacked[:, :c], stacked[:, c:], tags
 
     def take_raw(self) -> tuple[list[int], list[Tensor], list[int]]:
-        """The committed counts, ``(2, C)`` rows as pushed, and tags; then empty."""
+        """The committed counts, ``(2C,)`` rows as pushed, and tags; then empty."""
         if len(self.ns) != self.committed:
             raise RuntimeError("RowBuffer.take() with uncommitted rows; commit or roll back first")
         out = (self.ns, self._rows, self.tags)
