@@ -181,7 +181,9 @@ def pool_layers(
     spread = (rows[0] - mean).square_().sum(dim=0)
     m2 = total[1].mul_(n - 1).add_(spread.mul_(n))
     # (k, layers): per call and layer, one segment sum over the layer's columns.
-    per_call = torch.segment_reduce(rows[0] + rows[1], "sum", lengths=sizes.expand(k, -1), axis=1)
+    per_call = torch.segment_reduce(
+        rows[0] + rows[1], "sum", lengths=sizes.expand(k, -1).contiguous(), axis=1
+    )
     return list(mean.split(split)), list(m2.split(split)), list(per_call.t())
 
 
@@ -414,9 +416,11 @@ def drifts(
     shift = (new_mean - old_mean).abs_().div_((new_var + eps_col).sqrt_())
     logvar = (new_var + eps_col).div_(old_var + eps_col).log_().abs_()
     terms = torch.stack([values, shift, logvar])  # one reduction per kind, not per term
-    by_layer = lengths.expand(3, -1)
+    by_layer = lengths.expand(3, -1).contiguous()
     sums = torch.segment_reduce(terms, "sum", lengths=by_layer, axis=1)
-    maxima = torch.segment_reduce(terms[1:], "max", lengths=by_layer[1:], axis=1, initial=0.0)
+    maxima = torch.segment_reduce(
+        terms[1:], "max", lengths=by_layer[1:].contiguous(), axis=1, initial=0.0
+    )
     table = torch.stack(
         [sums[0].isfinite(), sums[1] / channels, maxima[0], sums[2] / channels, maxima[1]], dim=1
     ).tolist()  # the one host copy
