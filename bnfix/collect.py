@@ -161,12 +161,37 @@ class LayerStats:
     @property
     def first_bad(self) -> Optional[int]:
         """Index of the first batch whose statistics were not finite (reads the device)."""
-        for check, tags in self.finite:  # row sums (one layer's fold) or a finite mask (all)
-            ok = check.all(dim=1) if check.dtype == torch.bool else check.isfinite()
-            bad = (~ok).nonzero()
+        for check, tags in self.finite:  # per row, a sum of the row's means and variances
+            bad = (~check.isfinite()).nonzero()
             if bad.numel():
                 return tags[int(bad[0, 0])]
         return None
+
+
+def _merge_device(module: _BatchNorm) -> torch.device:
+    """Where a layer's float64 moments live: its buffers' device (the CPU for MPS: no float64)."""
+    device = module.running_mean.device  # type: ignore[union-attr]
+    return device if device.type != "mps" else torch.device("cpu")
+
+
+def _empty_moments(modules: Sequence[_BatchNorm]) -> list[Moments]:
+    """Zero moments for every layer, as views of one float64 allocation per device.
+
+    One zeroed tensor split into views costs a fraction of two allocations per layer, which on a
+    small model are a visible share of a call's fixed cost; the views are only ever read
+    (merging builds new tensors).
+    """
+    devices = [_merge_device(m) for m in modules]
+    widths = [m.running_mean.numel() for m in modules]  # type: ignore[union-attr]
+    out: list[Optional[Moments]] = [None] * len(modules)
+    for device in dict.fromkeys(devices):
+        mine = [i for i, d in enumerate(devices) if d == device]
+        sizes = [widths[i] for i in mine]
+        zeros = torch.zeros(2 * sum(sizes), dtype=torch.float64, device=device)
+        views = zeros.split(sizes + sizes)
+        for j, i in enumerate(mine):
+            out[i] = Moments(0, views[j], views[len(mine) + j])
+    return out  # type: ignore[return-value]
 
 
 class Collector:
@@ -188,14 +213,16 @@ class Collector:
         tol: Optional[float] = None,
     ) -> None:
         self.states: list[LayerStats] = []
+        self._buffers: list[RowBuffer] = []  # the states' rows, for the per-batch commit
         self.order: dict[str, int] = {}
         self.tol = tol
+        empty = _empty_moments([module for _, module in layers])
         for i, (name, module) in enumerate(layers):
             mean, var = module.running_mean, module.running_var
             assert mean is not None and var is not None
-            device = mean.device if mean.device.type != "mps" else torch.device("cpu")  # no fp64
-            state = LayerStats(name, module, None if momenta is None else momenta[i])
-            state.pooled = Moments.empty(mean.numel(), device)
+            pooled = empty[i]
+            device = pooled.mean.device
+            state = LayerStats(name, module, None if momenta is None else momenta[i], pooled=pooled)
             state.rows = RowBuffer(mean.numel(), device)
             if state.momentum is not None:
                 state.mean = mean.detach().to(device, torch.float64, copy=True)
@@ -203,6 +230,7 @@ class Collector:
             if tol is not None:
                 state.spread = SpreadTracker()
             self.states.append(state)
+            self._buffers.append(state.rows)
 
     @contextlib.contextmanager
     def hooks(self, track_order: bool = False) -> Iterator[None]:
@@ -236,12 +264,17 @@ class Collector:
     def commit(self, index: int) -> None:
         """Keep the batch just run (labelled ``index``); fold full chunks (every batch in auto)."""
         self._resolve_pending()
-        for state in self.states:
-            state.rows.commit(index)  # type: ignore[union-attr]
+        full = False
+        for rows in self._buffers:  # once per layer per batch: no method calls
+            pushed = len(rows.ns)
+            if pushed != rows.committed:
+                rows.tags += [index] * (pushed - rows.committed)
+                rows.committed = pushed
+                full = full or pushed >= rows.capacity
         if self.tol is not None:  # the spread of per-batch moments is needed after every batch
             for state in self.states:
                 state.fold()
-        elif any(state.rows.full for state in self.states):  # type: ignore[union-attr]
+        elif full:
             self.finish()
 
     def discard(self) -> None:
@@ -275,7 +308,7 @@ class Collector:
             if ns.count(ns[0]) != k:
                 return False
         taken = [s.rows.take_raw() for s in states]  # type: ignore[union-attr]
-        pieces = [rows[i] for i in range(k) for _, rows, _ in taken]  # call by call
+        pieces = [rows[i] for i in range(k) for _, rows, _ in taken]  # call by call, (2C,) each
         if len({p.device for p in pieces}) != 1:
             for s, (ns, rows, tags) in zip(states, taken):  # put them back, fold one by one
                 s.rows._rows, s.rows.ns, s.rows.tags = rows, ns, tags  # type: ignore[union-attr]
@@ -283,17 +316,16 @@ class Collector:
             return False
         device = states[0].rows.device  # type: ignore[union-attr]
         widths = [s.rows.channels for s in states]  # type: ignore[union-attr]
-        if pieces[0].device == device:  # straight into float64: one pass fewer
-            flat = torch.empty(k, 2 * sum(widths), dtype=torch.float64, device=device)
-            torch.cat(pieces, out=flat.view(-1))
-        else:
-            flat = torch.cat(pieces).to(device, torch.float64).view(k, -1)
-        finite = flat.isfinite()  # read only to name the first bad batch on an error
-        means, m2s = pool_layers(flat, [ns[0] for ns, _, _ in taken], widths)
-        start = 0
-        for s, (ns, _, tags), mean, m2, width in zip(states, taken, means, m2s, widths):
-            s.finite.append((finite[:, start : start + 2 * width], tags))
-            start += 2 * width
+        # One copy in the buffers' dtype (per call, layer after layer: means then variances),
+        # regrouped per layer into (k, 2, C) blocks with one view each and one more copy to put
+        # all means before all variances, then one conversion: no gather of columns, and a
+        # cat straight into float64 (which converts piece by piece) costs several times more.
+        calls = torch.cat(pieces).view(k, -1).split([2 * c for c in widths], dim=1)
+        blocks = [block.view(k, 2, c) for block, c in zip(calls, widths)]
+        flat = torch.cat(blocks, dim=2).to(device, torch.float64).transpose(0, 1)
+        means, m2s, checks = pool_layers(flat, [ns[0] for ns, _, _ in taken], widths)
+        for s, (ns, _, tags), mean, m2, check in zip(states, taken, means, m2s, checks):
+            s.finite.append((check, tags))
             s.calls += k
             s.pooled = s.pooled.merge(Moments(k * ns[0], mean, m2))
         return True

@@ -14,11 +14,10 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 from torch import Tensor
-from torch.nn.utils.rnn import pad_sequence
 
 __all__ = [
     "Drift",
@@ -155,36 +154,37 @@ def pool_rows(ns: list[int], means: Tensor, unbiased_vars: Tensor) -> Moments:
 
 def pool_layers(
     rows: Tensor, ns: Sequence[int], channels: Sequence[int]
-) -> tuple[list[Tensor], list[Tensor]]:
+) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
     """:func:`pool_rows` of many layers at once, each with ``k`` rows of equal counts.
 
-    ``rows`` is ``(k, 2 * sum(channels))``: per call, every layer's means then its variances,
-    layer after layer; layer ``l`` saw ``ns[l]`` elements per channel on every call. Column sums
-    over the rows give every channel's mean of the means, their spread and the sum of the
-    variances at once, so the cost no longer grows by a handful of kernels per layer.
+    ``rows`` is ``(2, k, sum(channels))``: ``rows[0]`` the per-call means, ``rows[1]`` the
+    variances, every layer's channels side by side (layer ``l`` saw ``ns[l]`` elements per
+    channel on every call). Channel-wise sums over the calls give every channel's mean of the
+    means, their spread and the sum of the variances at once, so the cost does not grow by a
+    handful of kernels per layer, and no column has to be gathered.
 
     Returns:
-        Per layer, the pooled mean and ``M2`` (views into two flat tensors).
+        Per layer, the pooled mean and ``M2`` (views into two flat tensors), and per layer a
+        ``(k,)`` sum of each call's means and variances: finite exactly when all of them are
+        (short of an overflow past 1e308), kept to name the first bad batch on an error: one
+        segment reduction for all layers.
     """
-    k, device = rows.shape[0], rows.device
-    total = rows.sum(dim=0)  # sums, not torch.var_mean: its reduction over dim 0 is slow on CPU
-    sizes = torch.tensor(list(channels))
-    # Channel g of the concatenated layers, in layer l with c_l channels before it, has its mean
-    # at g + c_l (the variances of the layers before it come first) and its variance at
-    # g + c_l + (its layer's width).
-    first = torch.arange(int(sizes.sum())) + torch.repeat_interleave(
-        torch.cumsum(sizes, 0) - sizes, sizes
-    )
-    means_at = first.to(device, non_blocking=True)
-    vars_at = (first + torch.repeat_interleave(sizes, sizes)).to(device, non_blocking=True)
-    n = torch.repeat_interleave(torch.tensor(list(ns), dtype=torch.float64), sizes)
-    n = n.to(device, non_blocking=True)
-    mean = total.index_select(0, means_at) / k
-    # sum over calls of (mean_i - pooled mean)^2, on the mean columns only
-    spread = (rows.index_select(1, means_at) - mean).square().sum(dim=0)
-    m2 = total.index_select(0, vars_at) * (n - 1) + spread * n
+    k, device = rows.shape[1], rows.device
     split = [int(c) for c in channels]
-    return list(mean.split(split)), list(m2.split(split))
+    sizes = torch.tensor(split)
+    n = torch.tensor(list(ns), dtype=torch.float64).repeat_interleave(sizes, output_size=sum(split))
+    if device.type != "cpu":
+        n, sizes = n.to(device, non_blocking=True), sizes.to(device, non_blocking=True)
+    total = rows.sum(dim=1)  # sums, not torch.var_mean: its reduction over dim 1 is slow on CPU
+    mean = total[0] / k
+    # sum over calls of (mean_i - pooled mean)^2
+    spread = (rows[0] - mean).square_().sum(dim=0)
+    m2 = total[1].mul_(n - 1).add_(spread.mul_(n))
+    # (k, layers): per call and layer, one segment sum over the layer's columns.
+    per_call = torch.segment_reduce(
+        rows[0] + rows[1], "sum", lengths=sizes.expand(k, -1).contiguous(), axis=1
+    )
+    return list(mean.split(split)), list(m2.split(split)), list(per_call.t())
 
 
 def ema_rows(
@@ -380,10 +380,12 @@ def drifts(
 ) -> list[tuple[bool, Drift]]:
     """:func:`drift` of many layers at once, with whether each layer's new statistics are finite.
 
-    Every layer's channels are padded with zeros into one ``(layers, max channels)`` matrix
-    (a zero-padded channel has zero shift and zero log ratio, and both are non-negative, so the
-    padding changes neither sums nor maxima); the whole answer reaches the host in one copy, so
-    the cost does not grow with a sync per layer.
+    Every layer's channels are concatenated into one float64 vector, the per-channel terms are
+    computed once over it, and per-layer sums and maxima come from segment reductions (the
+    terms are non-negative or NaN, so a maximum starting at 0 is the layer's maximum). The whole
+    answer reaches the host in one copy, so the cost does not grow with a sync per layer, and
+    no kernel runs per layer (padding to the widest layer cost a pass over ``layers x max
+    channels`` values per input).
 
     Returns:
         Per layer ``(finite, Drift)``.
@@ -392,27 +394,34 @@ def drifts(
         return []
     device = new_means[0].device
 
-    def padded(values: Sequence[Tensor]) -> Tensor:
-        if len({(v.dtype, v.device) for v in values}) == 1:  # pad first: one conversion, not L
-            return pad_sequence(list(values), batch_first=True).to(device, torch.float64)
-        moved = [v.detach().to(device, torch.float64) for v in values]
-        return pad_sequence(moved, batch_first=True)
+    def joined(values: Sequence[Tensor]) -> Tensor:
+        if len({(v.dtype, v.device) for v in values}) == 1:  # join first: one conversion, not L
+            return torch.cat(list(values)).to(device, torch.float64)
+        return torch.cat([v.detach().to(device, torch.float64) for v in values])
 
-    old_mean, old_var = padded(old_means), padded(old_vars)
-    new_mean, new_var = padded(new_means), padded(new_vars)
-    eps_col = host_vector(list(eps), device)[:, None]
-    channels = host_vector([float(m.numel()) for m in new_means], device)
-    finite = (new_mean.isfinite() & new_var.isfinite()).all(dim=1)
-    shift = (new_mean - old_mean).abs() / (new_var + eps_col).sqrt()
-    logvar = ((new_var + eps_col) / (old_var + eps_col)).log().abs()
+    old_mean, old_var = joined(old_means), joined(old_vars)
+    new_mean, new_var = joined(new_means), joined(new_vars)
+    widths = [m.numel() for m in new_means]
+    lengths_host = torch.tensor(widths)
+    lengths = lengths_host if device.type == "cpu" else lengths_host.to(device, non_blocking=True)
+    eps_col: Union[float, Tensor] = eps[0]  # one epsilon for all (the usual case): no tensor
+    if any(e != eps[0] for e in eps):
+        eps_col = torch.tensor(list(eps), dtype=torch.float64).repeat_interleave(lengths_host)
+        eps_col = eps_col if device.type == "cpu" else eps_col.to(device, non_blocking=True)
+    channels = host_vector([float(w) for w in widths], device)
+
+    # Per layer, a sum that is finite exactly when every new value is (short of an overflow
+    # past 1e308, which float32 buffers could not hold anyway).
+    values = new_mean + new_var
+    shift = (new_mean - old_mean).abs_().div_((new_var + eps_col).sqrt_())
+    logvar = (new_var + eps_col).div_(old_var + eps_col).log_().abs_()
+    terms = torch.stack([values, shift, logvar])  # one reduction per kind, not per term
+    by_layer = lengths.expand(3, -1).contiguous()
+    sums = torch.segment_reduce(terms, "sum", lengths=by_layer, axis=1)
+    maxima = torch.segment_reduce(
+        terms[1:], "max", lengths=by_layer[1:].contiguous(), axis=1, initial=0.0
+    )
     table = torch.stack(
-        [
-            finite.to(torch.float64),
-            shift.sum(dim=1) / channels,
-            shift.amax(dim=1),
-            logvar.sum(dim=1) / channels,
-            logvar.amax(dim=1),
-        ],
-        dim=1,
+        [sums[0].isfinite(), sums[1] / channels, maxima[0], sums[2] / channels, maxima[1]], dim=1
     ).tolist()  # the one host copy
     return [(bool(row[0]), Drift(row[1], row[2], row[3], row[4])) for row in table]

@@ -15,6 +15,7 @@ Usage:
     python scripts/bench_speed.py --threads 1 --clock cpu            # CPU table (21 rounds)
     python scripts/bench_speed.py --quick                            # smoke check
     python scripts/bench_speed.py --micro --threads 1                # per-call hook price, 1 layer
+    python scripts/bench_speed.py --parts --threads 1                # commit and fold, per model
     python scripts/bench_speed.py --device cuda                      # CUDA table, syncs per call
 """
 
@@ -228,6 +229,53 @@ def one_batch_table(calls: int = 40, repeats: int = 5) -> None:
     )
 
 
+def _bookkeeping(model: nn.Module, batches: list[torch.Tensor]) -> tuple[float, float]:
+    """CPU seconds of the collector's per-batch commit and of its final fold over ``batches``."""
+    from bnfix.collect import Collector, batch_stats
+    from bnfix.layers import bn_layers
+
+    layers = bn_layers(model)
+    collector = Collector(layers)
+    commit = 0.0
+    modules = [m for _, m in layers]
+    with torch.no_grad(), batch_stats(model, modules, dropout=False), collector.hooks():
+        for index, x in enumerate(batches):
+            model(x)
+            start = time.process_time()
+            collector.commit(index)
+            commit += time.process_time() - start
+        start = time.process_time()
+        collector.finish()
+    return commit, time.process_time() - start
+
+
+def parts_table(models: list[str], repeats: int = 15) -> None:
+    """The collector's own work outside the forward and the hooks: per-batch commit, final fold.
+
+    Measured directly (minimum over ``repeats`` of the CPU time of those calls alone, over 1,
+    20 and 40 batches), so the per layer-batch slope is not buried under the forward's noise
+    as in the 20/40-batch fits. Add the hook's own price (``--micro``) for the whole per
+    layer-batch cost above a no-op hook.
+    """
+    print("| model | BN layers | fold, 1 batch µs | commit µs per layer-batch "
+          "| fold µs per layer-batch (20 -> 40) |\n|---|---|---|---|---|")  # fmt: skip
+    for name in models:
+        model = build(name)
+        batches = make_batches(name, LONG, 2, 32, "cpu")
+        layers = len(bns(model))
+        best = {}
+        for count in (1, SHORT, LONG):
+            runs = [_bookkeeping(model, batches[:count]) for _ in range(repeats)]
+            best[count] = (min(c for c, _ in runs), min(f for _, f in runs))
+        commit = best[LONG][0] / (LONG * layers)
+        fold = (best[LONG][1] - best[SHORT][1]) / ((LONG - SHORT) * layers)
+        print(
+            f"| {name} | {layers} | {best[1][1] * 1e6:.0f} | {commit * 1e6:.2f} "
+            f"| {fold * 1e6:.2f} |",
+            flush=True,
+        )
+
+
 def cpu_table(args: argparse.Namespace) -> None:
     print("| model | BN layers | plain ms/batch | method | fixed ms (vs plain) "
           "| µs per layer-batch (vs plain) | µs per layer-batch (vs hook) |")  # fmt: skip
@@ -288,6 +336,11 @@ def main() -> None:
         action="store_true",
         help="only the per-call price of the hooks on one layer and the one-batch fixed cost",
     )
+    parser.add_argument(
+        "--parts",
+        action="store_true",
+        help="only bnfix's per-batch commit and final fold, measured directly per model",
+    )
     args = parser.parse_args()
     cuda = args.device.startswith("cuda")
     args.models = args.models or ("resnet50,resnet18,mobilenet_v3_small" if cuda else
@@ -297,6 +350,9 @@ def main() -> None:
     if args.quick:
         args.rounds = 3
     torch.set_num_threads(args.threads)
+    if args.parts:
+        parts_table(args.models.split(","))
+        return
     if args.micro:
         micro_table()
         one_batch_table()

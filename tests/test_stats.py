@@ -13,6 +13,7 @@ from bnfix.stats import (
     Moments,
     RowBuffer,
     SpreadTracker,
+    drifts,
     ema_rows,
     moments_of,
     pool_layers,
@@ -213,9 +214,83 @@ def test_pool_layers_matches_pool_rows_layer_by_layer() -> None:
     k, channels, ns = 5, [3, 1, 4], [7, 30, 2]
     means = [torch.tensor(rng.normal(10.0, 1.0, size=(k, c))) for c in channels]
     variances = [torch.tensor(rng.random((k, c)) + 0.5) for c in channels]
-    rows = torch.cat([torch.cat([m, v], dim=1) for m, v in zip(means, variances)], dim=1)
-    got_means, got_m2 = pool_layers(rows, ns, channels)
-    for m, v, n, mean, m2 in zip(means, variances, ns, got_means, got_m2):
+    rows = torch.stack([torch.cat(means, dim=1), torch.cat(variances, dim=1)])
+    means[1][3, 0] = variances[2][1, 2] = float("nan")  # after the copy: only the checks see it
+    rows[0, 3, 3] = rows[1, 1, 6] = float("nan")
+    got_means, got_m2, checks = pool_layers(rows.clone(), ns, channels)
+    for m, v, n, mean, m2, check in zip(means, variances, ns, got_means, got_m2, checks):
+        finite = torch.isfinite(m).all(dim=1) & torch.isfinite(v).all(dim=1)
+        assert check.isfinite().tolist() == finite.tolist()
+        if not finite.all():
+            continue
         want = pool_rows([n] * k, m, v)
         np.testing.assert_allclose(mean.numpy(), want.mean.numpy(), rtol=1e-13)
         np.testing.assert_allclose(m2.numpy(), want.m2.numpy(), rtol=1e-12)
+
+
+def test_pool_layers_checks_name_the_bad_call() -> None:
+    rng = np.random.default_rng(7)
+    k, channels, ns = 4, [2, 2, 2, 5], [3, 4, 5, 6]
+    means = [torch.tensor(rng.normal(-3.0, 2.0, size=(k, c))) for c in channels]
+    variances = [torch.tensor(rng.random((k, c)) + 0.1) for c in channels]
+    rows = torch.stack([torch.cat(means, dim=1), torch.cat(variances, dim=1)])
+    rows[1, 2, 3] = float("inf")  # layer 1, call 2
+    got_means, got_m2, checks = pool_layers(rows, ns, channels)
+    assert [c.isfinite().tolist() for c in checks] == [
+        [True] * 4,
+        [True, True, False, True],
+        [True] * 4,
+        [True] * 4,
+    ]
+    for layer in (0, 2, 3):
+        want = pool_rows([ns[layer]] * k, means[layer], variances[layer])
+        np.testing.assert_allclose(got_means[layer].numpy(), want.mean.numpy(), rtol=1e-13)
+        np.testing.assert_allclose(got_m2[layer].numpy(), want.m2.numpy(), rtol=1e-12)
+
+
+def _numpy_drift(
+    old_m: np.ndarray, old_v: np.ndarray, new_m: np.ndarray, new_v: np.ndarray, eps: float
+) -> list[float]:
+    shift = np.abs(new_m - old_m) / np.sqrt(new_v + eps)
+    logvar = np.abs(np.log((new_v + eps) / (old_v + eps)))
+    return [float(shift.mean()), float(shift.max()), float(logvar.mean()), float(logvar.max())]
+
+
+@pytest.mark.parametrize("eps", [[1e-5] * 4, [1e-5, 1e-3, 0.1, 1e-5]])
+def test_drifts_match_numpy_layer_by_layer(eps: list[float]) -> None:
+    rng = np.random.default_rng(8)
+    widths = [3, 1, 5, 3]
+    old_m = [rng.normal(0.0, 1.0, w) for w in widths]
+    old_v = [rng.random(w) + 0.2 for w in widths]
+    new_m = [rng.normal(0.5, 1.0, w) for w in widths]
+    new_v = [rng.random(w) + 0.1 for w in widths]
+    old_m[3][1] = np.nan  # stale statistics before the call: a NaN drift, still finite new
+    new_v[2][4] = np.inf  # non-finite new statistics in one layer only
+    got = drifts(
+        [torch.tensor(m, dtype=torch.float32) for m in old_m],  # buffers' dtype
+        [torch.tensor(v, dtype=torch.float32) for v in old_v],
+        [torch.tensor(m) for m in new_m],
+        [torch.tensor(v) for v in new_v],
+        eps,
+    )
+    assert [finite for finite, _ in got] == [True, True, False, True]
+    for i, (_, moved) in enumerate(got):
+        want = _numpy_drift(
+            old_m[i].astype(np.float32).astype(np.float64),
+            old_v[i].astype(np.float32).astype(np.float64),
+            new_m[i],
+            new_v[i],
+            eps[i],
+        )
+        values = [
+            moved.mean_shift,
+            moved.mean_shift_max,
+            moved.log_var_ratio,
+            moved.log_var_ratio_max,
+        ]
+        if i == 3:  # the NaN channel makes the mean shift NaN; the variance terms are unaffected
+            assert np.isnan(values[0]) and np.isnan(values[1])
+            np.testing.assert_allclose(values[2:], want[2:], rtol=1e-12)
+        elif i != 2:
+            np.testing.assert_allclose(values, want, rtol=1e-12)
+    assert drifts([], [], [], [], []) == []
