@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from bnfix.errors import BnfixError
-from bnfix.stats import read_all_rows
+from bnfix.host import read_all_rows
 
 __all__ = [
     "INPUT_KEYS",

@@ -36,12 +36,14 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from bnfix import distributed
 from bnfix.batches import ForwardFn
-from bnfix.collect import Collector, LayerStats, PassResult, run_pass
+from bnfix.collect import Collector, LayerStats
+from bnfix.drift import Drift, drifts
 from bnfix.errors import BnfixError, BnfixWarning
 from bnfix.layers import LayerSelector, check_lazy, eager, select_layers, skipped_norm_layers
+from bnfix.passes import PassResult, run_pass
 from bnfix.plan import Device, Momentum, NumBatches, Plan, check_model
 from bnfix.report import LayerReport, Report
-from bnfix.stats import Drift, Moments, drifts
+from bnfix.stats import Moments
 
 __all__ = ["calibrate", "recalibrate"]
 

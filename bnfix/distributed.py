@@ -18,7 +18,8 @@ import torch
 import torch.distributed as dist
 
 from bnfix.errors import BnfixError, BnfixWarning
-from bnfix.stats import Moments, host_vector
+from bnfix.host import host_vector
+from bnfix.stats import Moments
 
 __all__ = ["any_rank_failed", "gather_moments", "warn_if_unsynced", "world_size"]
 

@@ -13,7 +13,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
-from bnfix.stats import Drift
+from bnfix.drift import Drift
 from bnfix.tables import fmt_float, json_safe, render_table
 
 __all__ = ["LayerReport", "Report"]
@@ -32,7 +32,7 @@ class LayerReport:
         path: "fast" (read the layer's own batch statistics), "fallback" (moments computed from
             the input, for BN subclasses with their own forward) or "unused" (saw no data; kept).
         momentum: the EMA momentum used, None for exact pooling.
-        drift: how far the new statistics are from the old ones (:class:`bnfix.stats.Drift`;
+        drift: how far the new statistics are from the old ones (:class:`bnfix.drift.Drift`;
             zero for an unused layer); its four numbers are also attributes of the report
             (``mean_shift``, ``mean_shift_max``, ``log_var_ratio``, ``log_var_ratio_max``).
     """
@@ -115,7 +115,7 @@ class Report:
         return tuple(layer.name for layer in self.layers if layer.path == "unused")
 
     def worst(self, k: int = 5) -> list[LayerReport]:
-        """The ``k`` layers whose statistics moved most (by :attr:`bnfix.stats.Drift.score`)."""
+        """The ``k`` layers whose statistics moved most (by :attr:`bnfix.drift.Drift.score`)."""
         used = [layer for layer in self.layers if layer.path != "unused"]
         return sorted(used, key=lambda layer: -layer.drift.score)[:k]
 

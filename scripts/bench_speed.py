@@ -166,7 +166,8 @@ def _per_call(step: Callable[[], None], calls: int, repeats: int) -> float:
 
 
 def _micro_row(bn: nn.Module, x: torch.Tensor, calls: int, repeats: int) -> list[float]:
-    from bnfix.collect import Collector, batch_stats
+    from bnfix.collect import Collector
+    from bnfix.passes import batch_stats
 
     bn.train()
     row = [_per_call(lambda: bn(x), calls, repeats)]
@@ -231,8 +232,9 @@ def one_batch_table(calls: int = 40, repeats: int = 5) -> None:
 
 def _bookkeeping(model: nn.Module, batches: list[torch.Tensor]) -> tuple[float, float]:
     """CPU seconds of the collector's per-batch commit and of its final fold over ``batches``."""
-    from bnfix.collect import Collector, batch_stats
+    from bnfix.collect import Collector
     from bnfix.layers import bn_layers
+    from bnfix.passes import batch_stats
 
     layers = bn_layers(model)
     collector = Collector(layers)

@@ -14,8 +14,9 @@ from torch import nn
 
 import bnfix
 from bnfix.diagnosis.result import OutputGap
+from bnfix.drift import Drift
 from bnfix.errors import BnfixError
-from bnfix.stats import Drift, moments_of
+from bnfix.stats import moments_of
 
 torch.set_num_threads(1)
 

@@ -11,8 +11,8 @@ from conftest import SPLIT, make_convnet, ref_moments, snapshot, split
 from torch import Tensor
 
 import bnfix
+from bnfix.drift import Drift
 from bnfix.report import LayerReport, Report
-from bnfix.stats import Drift
 
 
 def _bn_bits(model: torch.nn.Module) -> dict[str, bytes]:

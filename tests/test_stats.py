@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
+from bnfix.drift import drifts
 from bnfix.stats import (
     Moments,
     RowBuffer,
     SpreadTracker,
-    drifts,
     ema_rows,
     moments_of,
     pool_layers,

@@ -1,7 +1,7 @@
 """From pooled moments to one :class:`bnfix.LayerDrift` per BN layer, and where drift starts.
 
 Running statistics against the data's exact statistics (dropout off and on) and, with
-``reference=``, against the reference's; all as :class:`bnfix.stats.Drift` and its score.
+``reference=``, against the reference's; all as :class:`bnfix.drift.Drift` and its score.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from bnfix.diagnosis.probes import BothWays
 from bnfix.diagnosis.result import LayerDrift
 from bnfix.diagnosis.rules import THRESHOLDS
-from bnfix.stats import drift
+from bnfix.drift import drift
 
 __all__ = ["Stats", "drift_starts", "layer_drifts"]
 

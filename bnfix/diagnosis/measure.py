@@ -19,7 +19,7 @@ the exact ones written into the buffers meanwhile (restored in ``finally``): the
 two is what the running statistics cost, free of the batch-statistics noise of train-mode BN, and
 it sets the confidence of the verdict.
 
-The measures (per-layer :class:`bnfix.stats.Drift`, output gaps, dropout variance ratios) become
+The measures (per-layer :class:`bnfix.drift.Drift`, output gaps, dropout variance ratios) become
 ranked causes in :mod:`bnfix.diagnosis.rules`, whose docstring explains every threshold.
 """
 

@@ -20,8 +20,9 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from bnfix.batches import ForwardFn, output_tensor
-from bnfix.collect import Collector, batch_stats
+from bnfix.collect import Collector
 from bnfix.metrics import Counts, Gap
+from bnfix.passes import batch_stats
 from bnfix.scores import OutputGap
 
 __all__ = ["DROPOUT_SEED", "BothWays", "Pair", "Setup", "kl_divergence", "private_rng", "written"]

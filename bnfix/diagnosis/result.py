@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
 from bnfix.diagnosis import render
+from bnfix.drift import Drift
 from bnfix.scores import Evaluation, OutputGap
-from bnfix.stats import Drift
 from bnfix.tables import json_safe
 
 __all__ = ["CONFIDENCES", "Diagnosis", "LayerDrift", "Verdict"]
@@ -40,7 +40,7 @@ class LayerDrift:
         channels: number of channels.
         order: position in execution order (0 = first BN the data reaches); None if unused.
         elements: elements per channel pooled (0 for a layer that received no data).
-        running: the data's statistics against the running ones (:class:`bnfix.stats.Drift`,
+        running: the data's statistics against the running ones (:class:`bnfix.drift.Drift`,
             whose four numbers are also attributes here: ``mean_shift``, ``mean_shift_max``,
             ``log_var_ratio``, ``log_var_ratio_max``); None for an unused layer.
         train_drift: with Dropout-family modules in the model, the drift (as :attr:`drift`) of the
@@ -74,7 +74,7 @@ class LayerDrift:
 
     @property
     def drift(self) -> Optional[float]:
-        """One number per layer, :attr:`bnfix.stats.Drift.score` of :attr:`running`."""
+        """One number per layer, :attr:`bnfix.drift.Drift.score` of :attr:`running`."""
         return None if self.running is None else self.running.score
 
     @property

@@ -5,7 +5,7 @@ from the hooks and passes so the rules can be read and tuned in one place. One r
 walked in order; each returns a :class:`Verdict` or None. This docstring is the one place the
 thresholds are explained; :data:`THRESHOLDS` holds them and every ``Diagnosis`` records them.
 
-Measures, per layer (:class:`bnfix.stats.Drift`): the mean shift ``|m_run - m_data| / sqrt(v_data
+Measures, per layer (:class:`bnfix.drift.Drift`): the mean shift ``|m_run - m_data| / sqrt(v_data
 + eps)`` and ``|log((v_run + eps) / (v_data + eps))|``, channel means and maxima; a layer's
 *drift* is the worse of the two channel means. Dropout: ``(v_on + eps) / (v_off + eps)``.
 
